@@ -1,0 +1,1 @@
+//! Load generator and benchmarks for serin (see README.md in this folder).

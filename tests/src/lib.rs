@@ -1,0 +1,1 @@
+//! End-to-end tests of serin: real processes, sockets and clients (see tests/README.md).
