@@ -1,1 +1,8 @@
 //! Load generator and benchmarks for serin (see README.md in this folder).
+//!
+//! - [`load`]: the core of the `serin-load` tool, usable from tests: run a load
+//!   described by a [`load::LoadConfig`] and get a [`load::LoadReport`].
+//! - [`cli`]: its command line.
+
+pub mod cli;
+pub mod load;

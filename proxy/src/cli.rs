@@ -1,10 +1,16 @@
 //! Command-line interface: the `serin` subcommands.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-/// serin: a service-mesh sidecar proxy for canary releases.
+use crate::demo::DemoArgs;
+use crate::demo_app::UpstreamArgs;
+use crate::sidecar::SidecarArgs;
+
+/// serin: a service-mesh sidecar proxy for canary releases, configured with
+/// Istio's own VirtualService / DestinationRule / ServiceEntry resources.
 #[derive(Debug, Parser)]
 #[command(name = "serin", version, about)]
 pub struct Cli {
@@ -15,14 +21,58 @@ pub struct Cli {
 /// The roles of the one `serin` binary.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run a sidecar proxy beside a workload (outbound, inbound, admin, metrics, health).
-    Sidecar,
+    /// Run a sidecar proxy beside a workload (outbound, admin, metrics, health).
+    Sidecar(SidecarArgs),
+    /// Check Istio YAML files as `istioctl validate` does; exit 1 on any error.
+    Validate {
+        /// Files or folders of Istio resources.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Run a demo upstream service that answers with its service, version and pod.
+    Upstream(UpstreamArgs),
+    /// Run a local canary of `payment` v1/v2 with a sidecar and load, showing the live split.
+    Demo(DemoArgs),
 }
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Sidecar => ExitCode::SUCCESS,
+    let default_level = match cli.command {
+        Command::Demo(_) => "warn",
+        _ => "info",
+    };
+    init_logging(default_level);
+    if let Command::Validate { paths } = &cli.command {
+        return crate::config::validate_command(paths);
     }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("serin: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Sidecar(args) => crate::sidecar::run(args).await,
+            Command::Upstream(args) => crate::demo_app::run_upstream(args).await,
+            Command::Demo(args) => crate::demo::run(args).await,
+            Command::Validate { .. } => Ok(()),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("serin: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs to stderr (stdout carries the access log); `RUST_LOG` overrides the level.
+fn init_logging(default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }

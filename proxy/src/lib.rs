@@ -4,12 +4,21 @@
 //! pools, retries, metrics, admin) and the `serin` binary's subcommands.
 
 pub mod access_log;
+pub mod admin;
 pub mod body;
 pub mod cli;
+pub mod config;
+pub mod demo_app;
+pub mod demo_load;
 pub mod drain;
+pub mod demo;
 pub mod flags;
+pub mod forward;
 pub mod metrics;
+pub mod reload;
 pub mod request_info;
+pub mod router;
+pub mod sidecar;
 pub mod snapshot;
 pub mod state;
 pub mod upstream;

@@ -116,14 +116,51 @@ pub enum RouteAction {
 }
 
 /// The destinations of a route with their relative weights (0-weight ones dropped).
+/// Build it with [`WeightedDestinations::new`], which precomputes the split.
 #[derive(Debug)]
 pub struct WeightedDestinations {
     /// At least one entry; weights > 0.
     pub destinations: Vec<RouteDestination>,
-    /// Sum of the weights.
+    /// Sum of the weights divided by their greatest common divisor.
     pub total: u64,
-    /// Per-route pick counter for the exact (low-discrepancy) split.
+    /// Cumulative reduced weights: destination `i` owns `[cumulative[i-1], cumulative[i])`.
+    pub cumulative: Vec<u64>,
+    /// Step of the low-discrepancy sequence: coprime with `total`, near `total / φ`.
+    pub stride: u64,
+    /// Per-route pick counter for the exact split.
     pub counter: AtomicU64,
+}
+
+impl WeightedDestinations {
+    /// Destinations with weight 0 are dropped. Returns `None` when none is left.
+    pub fn new(destinations: Vec<RouteDestination>) -> Option<WeightedDestinations> {
+        let destinations: Vec<RouteDestination> = destinations.into_iter().filter(|d| d.weight > 0).collect();
+        let divisor = destinations.iter().fold(0u64, |g, d| gcd(g, u64::from(d.weight)));
+        if divisor == 0 {
+            return None;
+        }
+        let mut cumulative = Vec::with_capacity(destinations.len());
+        let mut total = 0u64;
+        for d in &destinations {
+            total += u64::from(d.weight) / divisor;
+            cumulative.push(total);
+        }
+        // Stepping through [0, total) by a stride coprime with it visits every slot
+        // once per period, so each destination gets exactly its share per period,
+        // and a stride near total/φ spreads the slots evenly within the period.
+        let mut stride = ((total as f64) * 0.618_033_988_75).round().max(1.0) as u64;
+        while gcd(stride, total) != 1 {
+            stride += 1;
+        }
+        Some(WeightedDestinations { destinations, total, cumulative, stride, counter: AtomicU64::new(0) })
+    }
+}
+
+fn gcd(mut a: u64, mut b: u64) -> u64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
 }
 
 /// One `route[]` entry.
@@ -296,6 +333,21 @@ pub struct TrafficPolicy {
     /// `None` = outlier detection off (Istio's default without the block).
     pub outlier: Option<OutlierPolicy>,
     pub pool: ConnectionPool,
+    /// DestinationRule `tls.mode`; `None` = not set (Istio's auto-mTLS decides).
+    pub tls: Option<TlsMode>,
+}
+
+/// DestinationRule `trafficPolicy.tls.mode` (client side).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    /// `DISABLE`: plaintext to the upstream.
+    Disable,
+    /// `SIMPLE`: TLS origination (server certificate checked).
+    Simple,
+    /// `MUTUAL`: TLS with a client certificate given by the user.
+    Mutual,
+    /// `ISTIO_MUTUAL`: mesh mTLS with the workload's certificate.
+    IstioMutual,
 }
 
 /// `loadBalancer`.

@@ -9,6 +9,7 @@ use crate::access_log::AccessLog;
 use crate::drain::Drain;
 use crate::metrics::Metrics;
 use crate::snapshot::{EndpointRegistry, Snapshot};
+use crate::upstream::split::SplitMode;
 
 /// Who this proxy runs beside: the `source_*` labels of outbound metrics and the
 /// `destination_*` labels of inbound ones.
@@ -61,11 +62,23 @@ pub struct Shared {
     pub access_log: AccessLog,
     pub local: LocalWorkload,
     pub drain: Drain,
+    /// How route destinations are picked by weight.
+    pub split_mode: SplitMode,
 }
 
 impl Shared {
     /// Shared state starting from `snapshot`.
     pub fn new(snapshot: Snapshot, local: LocalWorkload, access_log: AccessLog) -> Arc<Shared> {
+        Shared::with_split(snapshot, local, access_log, SplitMode::Exact)
+    }
+
+    /// Like [`Shared::new`], with a choice of weighted split.
+    pub fn with_split(
+        snapshot: Snapshot,
+        local: LocalWorkload,
+        access_log: AccessLog,
+        split_mode: SplitMode,
+    ) -> Arc<Shared> {
         Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             rejected: Mutex::new(None),
@@ -74,6 +87,7 @@ impl Shared {
             access_log,
             local,
             drain: Drain::new(),
+            split_mode,
         })
     }
 

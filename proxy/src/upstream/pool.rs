@@ -102,38 +102,34 @@ impl Pool {
         (self.inner.open.load(Ordering::Relaxed), idle)
     }
 
-    /// Sends `req` on a pooled connection. The response body returns the connection
-    /// to the pool when it has been read to the end.
-    pub async fn send(
-        &self,
-        req: Request<ProxyBody>,
-        protocol: UpstreamProtocol,
-        limits: &ConnectionPool,
-    ) -> Result<Response<PooledBody>, PoolError> {
+    /// A connection ready to carry one request: an idle or new HTTP/1.1 connection,
+    /// or the shared HTTP/2 connection. Fails without touching any request, so a
+    /// connect failure can be retried elsewhere with the same body.
+    pub async fn checkout(&self, protocol: UpstreamProtocol, limits: &ConnectionPool) -> Result<Conn, PoolError> {
         match protocol {
-            UpstreamProtocol::Http1 => self.send_h1(req, limits).await,
-            UpstreamProtocol::Http2 => self.send_h2(req, limits).await,
+            UpstreamProtocol::Http1 => self.checkout_h1(limits).await,
+            UpstreamProtocol::Http2 => self.checkout_h2(limits).await,
         }
     }
 
-    async fn send_h1(
-        &self,
-        req: Request<ProxyBody>,
-        limits: &ConnectionPool,
-    ) -> Result<Response<PooledBody>, PoolError> {
+    async fn checkout_h1(&self, limits: &ConnectionPool) -> Result<Conn, PoolError> {
         let inner = &self.inner;
-        let (mut sender, used) = loop {
-            if let Some(conn) = self.take_idle(limits) {
-                break (conn.sender, conn.used);
+        loop {
+            if let Some(mut conn) = self.take_idle(limits) {
+                if conn.sender.ready().await.is_ok() {
+                    return Ok(self.h1_conn(conn.sender, conn.used, limits));
+                }
+                self.close_one();
+                continue;
             }
             if inner.open.fetch_add(1, Ordering::AcqRel) < limits.max_connections {
-                match self.connect_h1(limits).await {
-                    Ok(sender) => break (sender, 0),
+                return match self.connect_h1(limits).await {
+                    Ok(sender) => Ok(self.h1_conn(sender, 0, limits)),
                     Err(e) => {
                         self.close_one();
-                        return Err(e);
+                        Err(e)
                     }
-                }
+                };
             }
             inner.open.fetch_sub(1, Ordering::AcqRel);
             if inner.pending.fetch_add(1, Ordering::AcqRel) >= limits.max_pending_requests {
@@ -145,76 +141,43 @@ impl Pool {
             if waited.is_err() {
                 return Err(PoolError::Overflow { addr: inner.addr });
             }
-        };
-        if sender.ready().await.is_err() {
-            // Closed while idle: count it gone and try a fresh connection once.
-            self.close_one();
-            inner.open.fetch_add(1, Ordering::AcqRel);
-            sender = match self.connect_h1(limits).await {
-                Ok(s) => s,
-                Err(e) => {
-                    self.close_one();
-                    return Err(e);
-                }
-            };
-        }
-        let wants_upgrade = req.headers().contains_key(http::header::UPGRADE);
-        match sender.send_request(req).await {
-            Ok(resp) => {
-                let reusable = !wants_upgrade && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS;
-                let ret = reusable.then(|| ReturnTo {
-                    pool: self.clone(),
-                    sender,
-                    used: used + 1,
-                    max_requests: limits.max_requests_per_connection,
-                });
-                if ret.is_none() {
-                    // The connection now belongs to the upgraded stream.
-                    self.close_one();
-                }
-                Ok(resp.map(|body| PooledBody { inner: body, ret }))
-            }
-            Err(e) => {
-                self.close_one();
-                let refused = e.is_canceled();
-                Err(PoolError::Send { addr: inner.addr, source: e, refused })
-            }
         }
     }
 
-    async fn send_h2(
-        &self,
-        req: Request<ProxyBody>,
-        limits: &ConnectionPool,
-    ) -> Result<Response<PooledBody>, PoolError> {
+    fn h1_conn(&self, sender: http1::SendRequest<ProxyBody>, used: u32, limits: &ConnectionPool) -> Conn {
+        Conn {
+            addr: self.inner.addr,
+            kind: ConnKind::H1(Some(ReturnTo {
+                pool: self.clone(),
+                sender,
+                used,
+                max_requests: limits.max_requests_per_connection,
+            })),
+        }
+    }
+
+    async fn checkout_h2(&self, limits: &ConnectionPool) -> Result<Conn, PoolError> {
         let existing = {
             let guard = self.inner.h2.lock().unwrap_or_else(|e| e.into_inner());
             guard.clone()
         };
         let conn = match existing {
             Some(c) if !c.sender.is_closed() && !exhausted(&c.used, limits.max_requests_per_connection) => c,
-            _ => {
-                let sender = self.connect_h2(limits).await?;
-                let conn = H2Conn { sender, used: Arc::new(AtomicU32::new(0)) };
-                *self.inner.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
-                conn
-            }
+            _ => self.new_h2(limits).await?,
         };
         conn.used.fetch_add(1, Ordering::Relaxed);
         let mut sender = conn.sender;
         if sender.ready().await.is_err() {
-            let mut guard = self.inner.h2.lock().unwrap_or_else(|e| e.into_inner());
-            *guard = None;
-            drop(guard);
-            sender = self.connect_h2(limits).await?;
+            sender = self.new_h2(limits).await?.sender;
         }
-        match sender.send_request(req).await {
-            Ok(resp) => Ok(resp.map(|body| PooledBody { inner: body, ret: None })),
-            Err(e) => {
-                let refused = e.is_canceled() || is_refused_stream(&e);
-                Err(PoolError::Send { addr: self.inner.addr, source: e, refused })
-            }
-        }
+        Ok(Conn { addr: self.inner.addr, kind: ConnKind::H2(sender) })
+    }
+
+    async fn new_h2(&self, limits: &ConnectionPool) -> Result<H2Conn, PoolError> {
+        let sender = self.connect_h2(limits).await?;
+        let conn = H2Conn { sender, used: Arc::new(AtomicU32::new(0)) };
+        *self.inner.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
+        Ok(conn)
     }
 
     fn take_idle(&self, limits: &ConnectionPool) -> Option<IdleConn> {
@@ -303,6 +266,73 @@ fn is_refused_stream(e: &hyper::Error) -> bool {
         source = err.source();
     }
     false
+}
+
+/// A checked-out connection for one request.
+#[derive(Debug)]
+pub struct Conn {
+    addr: SocketAddr,
+    kind: ConnKind,
+}
+
+#[derive(Debug)]
+enum ConnKind {
+    /// `None` once the request was sent.
+    H1(Option<ReturnTo>),
+    H2(http2::SendRequest<ProxyBody>),
+}
+
+impl Conn {
+    /// Sends the request. An HTTP/1.1 connection goes back to the pool when the
+    /// response body has been read to the end (not after an upgrade).
+    pub async fn send(mut self, req: Request<ProxyBody>) -> Result<Response<PooledBody>, PoolError> {
+        let addr = self.addr;
+        match &mut self.kind {
+            ConnKind::H2(sender) => match sender.send_request(req).await {
+                Ok(resp) => Ok(resp.map(|body| PooledBody { inner: body, ret: None })),
+                Err(e) => {
+                    let refused = e.is_canceled() || is_refused_stream(&e);
+                    Err(PoolError::Send { addr, source: e, refused })
+                }
+            },
+            ConnKind::H1(slot) => {
+                let Some(mut ret) = slot.take() else {
+                    return Err(PoolError::Overflow { addr });
+                };
+                let wants_upgrade = req.headers().contains_key(http::header::UPGRADE);
+                match ret.sender.send_request(req).await {
+                    Ok(resp) => {
+                        ret.used += 1;
+                        let upgraded = wants_upgrade || resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+                        let ret = if upgraded {
+                            // The connection now belongs to the upgraded stream.
+                            ret.pool.close_one();
+                            None
+                        } else {
+                            Some(ret)
+                        };
+                        Ok(resp.map(|body| PooledBody { inner: body, ret }))
+                    }
+                    Err(e) => {
+                        ret.pool.close_one();
+                        let refused = e.is_canceled();
+                        Err(PoolError::Send { addr, source: e, refused })
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        // Checked out but never used: still good, give it back.
+        if let ConnKind::H1(slot) = &mut self.kind
+            && let Some(r) = slot.take()
+        {
+            r.pool.give_back(r.sender, r.used, r.max_requests);
+        }
+    }
 }
 
 #[derive(Debug)]

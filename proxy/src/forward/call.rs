@@ -1,0 +1,213 @@
+//! One call to a cluster: pick an endpoint, check out a connection, send, and
+//! retry by the route's policy with per-try timeouts and outlier detection.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+
+use crate::body::{self, ProxyBody};
+use crate::flags::ResponseFlags;
+use crate::snapshot::{Cluster, Route};
+use crate::upstream::balance;
+use crate::upstream::outlier::{self, Outcome};
+use crate::upstream::pool::{PoolError, PooledBody, UpstreamProtocol};
+
+use super::record::{Recorder, grpc_status};
+use super::retry;
+
+/// The request as it goes upstream, minus its body.
+#[derive(Debug)]
+pub struct UpstreamHead {
+    pub method: Method,
+    /// Path and query.
+    pub path: String,
+    pub authority: String,
+    pub headers: HeaderMap,
+    pub protocol: UpstreamProtocol,
+}
+
+/// The request body: buffered (replayable) or streaming (sent at most once).
+#[derive(Debug)]
+pub enum RequestBody {
+    Buffered(Bytes),
+    Stream(Option<ProxyBody>),
+}
+
+/// Why a call produced no upstream response.
+#[derive(Debug)]
+pub enum CallError {
+    /// No endpoint, or every endpoint ejected: 503 UH.
+    NoHealthy,
+    /// Connection refused or connect timeout: 503 UF.
+    Connect { retried: bool },
+    /// Pending-request limit: 503 UO.
+    Overflow,
+    /// Route or per-try timeout: 504 UT.
+    Timeout,
+    /// The upstream reset the connection or stream: 503 UC.
+    Reset { retried: bool },
+}
+
+impl CallError {
+    /// Status, flag and body text of the local reply.
+    pub fn reply(&self) -> (StatusCode, ResponseFlags, &'static str) {
+        let urx = |retried: bool| {
+            if retried { ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED } else { ResponseFlags::NONE }
+        };
+        match self {
+            CallError::NoHealthy => {
+                (StatusCode::SERVICE_UNAVAILABLE, ResponseFlags::NO_HEALTHY_UPSTREAM, "no healthy upstream")
+            }
+            CallError::Connect { retried } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                ResponseFlags::UPSTREAM_CONNECT_FAILURE | urx(*retried),
+                "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
+            ),
+            CallError::Overflow => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                ResponseFlags::UPSTREAM_OVERFLOW,
+                "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+            ),
+            CallError::Timeout => {
+                (StatusCode::GATEWAY_TIMEOUT, ResponseFlags::UPSTREAM_TIMEOUT, "upstream request timeout")
+            }
+            CallError::Reset { retried } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                ResponseFlags::UPSTREAM_CONNECTION_TERMINATION | urx(*retried),
+                "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
+            ),
+        }
+    }
+}
+
+/// Calls `cluster`, retrying as `route.retry` allows.
+pub async fn call(
+    cluster: &Cluster,
+    route: &Route,
+    head: &UpstreamHead,
+    mut body: RequestBody,
+    hash: Option<u64>,
+    rec: &mut Recorder,
+) -> Result<Response<PooledBody>, CallError> {
+    let policy = &route.retry;
+    let tries = 1 + policy.attempts;
+    let mut avoid: Option<SocketAddr> = None;
+    let mut last = CallError::NoHealthy;
+    for attempt in 0..tries {
+        if attempt > 0 {
+            tokio::time::sleep(retry::backoff(policy, attempt)).await;
+        }
+        let more = attempt + 1 < tries;
+        let Some(endpoint) = balance::pick(cluster, hash, avoid) else {
+            return Err(CallError::NoHealthy);
+        };
+        avoid = Some(endpoint.addr);
+        rec.info.upstream = Some(endpoint.clone());
+        rec.info.attempts = attempt + 1;
+        rec.set_active(endpoint.state.clone());
+
+        let conn = match endpoint.state.pool.checkout(head.protocol, &cluster.policy.pool).await {
+            Ok(conn) => conn,
+            Err(PoolError::Overflow { .. }) => return Err(CallError::Overflow),
+            Err(e) => {
+                tracing::debug!(cluster = %cluster.name, error = %e, "upstream connect failed");
+                outlier::observe(cluster, &endpoint, Outcome::Failure);
+                last = CallError::Connect { retried: attempt > 0 };
+                if more && retry::retriable_connect_failure(policy) {
+                    continue;
+                }
+                return Err(last);
+            }
+        };
+        let replayable = matches!(body, RequestBody::Buffered(_));
+        let req = build_request(head, &mut body, &endpoint.addr);
+        let sent = match policy.per_try_timeout {
+            Some(limit) => tokio::time::timeout(limit, conn.send(req)).await.map_err(|_| ()),
+            None => Ok(conn.send(req).await),
+        };
+        match sent {
+            Err(()) => {
+                outlier::observe(cluster, &endpoint, Outcome::Failure);
+                last = CallError::Timeout;
+                if more && replayable && retry::retriable_timeout(policy) {
+                    continue;
+                }
+                return Err(last);
+            }
+            Ok(Ok(resp)) => {
+                let status = resp.status().as_u16();
+                outlier::observe(cluster, &endpoint, Outcome::Status(status));
+                let grpc = grpc_status(resp.headers());
+                if more && replayable && retry::retriable_response(policy, status, grpc) {
+                    tracing::debug!(cluster = %cluster.name, status, "retrying");
+                    continue;
+                }
+                return Ok(resp);
+            }
+            Ok(Err(e)) => {
+                let refused = matches!(e, PoolError::Send { refused: true, .. });
+                tracing::debug!(cluster = %cluster.name, error = %e, "upstream request failed");
+                outlier::observe(cluster, &endpoint, Outcome::Failure);
+                last = if e.is_connect_failure() {
+                    CallError::Connect { retried: attempt > 0 }
+                } else {
+                    CallError::Reset { retried: attempt > 0 }
+                };
+                let may_retry = (replayable || refused) && retry::retriable_reset(policy, refused);
+                if more && may_retry && !matches!(body, RequestBody::Stream(None)) {
+                    continue;
+                }
+                return Err(last);
+            }
+        }
+    }
+    Err(last)
+}
+
+/// Builds the request of one try. A streaming body is taken by the first try.
+pub(super) fn build_request(head: &UpstreamHead, body: &mut RequestBody, addr: &SocketAddr) -> Request<ProxyBody> {
+    let body = match body {
+        RequestBody::Buffered(bytes) => body::full(bytes.clone()),
+        RequestBody::Stream(stream) => stream.take().unwrap_or_else(body::empty),
+    };
+    let mut req = Request::new(body);
+    *req.method_mut() = head.method.clone();
+    *req.headers_mut() = head.headers.clone();
+    match head.protocol {
+        UpstreamProtocol::Http2 => {
+            *req.version_mut() = Version::HTTP_2;
+            let uri = format!("http://{}{}", head.authority, head.path);
+            *req.uri_mut() = uri.parse().unwrap_or_else(|_| fallback_uri(addr, &head.path));
+            req.headers_mut().remove(header::HOST);
+        }
+        UpstreamProtocol::Http1 => {
+            *req.version_mut() = Version::HTTP_11;
+            *req.uri_mut() = head.path.parse().unwrap_or_else(|_| Uri::from_static("/"));
+            if let Ok(host) = HeaderValue::from_str(&head.authority) {
+                req.headers_mut().insert(header::HOST, host);
+            }
+        }
+    }
+    req
+}
+
+fn fallback_uri(addr: &SocketAddr, path: &str) -> Uri {
+    format!("http://{addr}{path}").parse().unwrap_or_else(|_| Uri::from_static("/"))
+}
+
+/// Joins the two halves of an upgraded (e.g. WebSocket) connection.
+pub async fn splice_upgrade(down: OnUpgrade, up: OnUpgrade) {
+    match tokio::try_join!(down, up) {
+        Ok((down, up)) => {
+            let mut down = TokioIo::new(down);
+            let mut up = TokioIo::new(up);
+            if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+                tracing::debug!(error = %e, "upgraded connection ended");
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+    }
+}

@@ -1,0 +1,46 @@
+//! Traffic mirroring (`mirror` + `mirrorPercentage`): a copy of the request goes to
+//! the mirror cluster with `-shadow` appended to its host; the response is
+//! read and dropped, and never delays the real request.
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+
+use crate::snapshot::Mirror;
+use crate::upstream::balance;
+
+use super::call::{RequestBody, UpstreamHead};
+
+/// Sends a shadow copy of the request, if the mirror percentage draws it.
+pub fn maybe_send(mirror: &Mirror, head: &UpstreamHead, body: Bytes) {
+    if !super::hit(mirror.percentage) {
+        return;
+    }
+    let Some(endpoint) = balance::pick(&mirror.cluster, None, None) else { return };
+    let (host, port) = super::split_host_port(&head.authority, 0);
+    let authority = if port == 0 { format!("{host}-shadow") } else { format!("{host}-shadow:{port}") };
+    let head = UpstreamHead {
+        method: head.method.clone(),
+        path: head.path.clone(),
+        authority,
+        headers: head.headers.clone(),
+        protocol: head.protocol,
+    };
+    let cluster = mirror.cluster.clone();
+    tokio::spawn(async move {
+        let conn = match endpoint.state.pool.checkout(head.protocol, &cluster.policy.pool).await {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::debug!(cluster = %cluster.name, error = %e, "mirror connect failed");
+                return;
+            }
+        };
+        let mut body = RequestBody::Buffered(body);
+        let req = super::call::build_request(&head, &mut body, &endpoint.addr);
+        match conn.send(req).await {
+            Ok(resp) => {
+                let _ = resp.into_body().collect().await;
+            }
+            Err(e) => tracing::debug!(cluster = %cluster.name, error = %e, "mirror request failed"),
+        }
+    });
+}

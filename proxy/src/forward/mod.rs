@@ -1,0 +1,339 @@
+//! The HTTP request path: route a request by the current snapshot, apply the
+//! route's fault, rewrite and header rules, call the picked destination with
+//! retries and timeouts, and stream the response back while recording it.
+
+pub mod call;
+pub mod headers;
+pub mod listener;
+pub mod local_reply;
+pub mod mirror;
+pub mod record;
+pub mod retry;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode, Uri, Version, header};
+use http_body::Body as _;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use crate::body::{self, ProxyBody};
+use crate::flags::ResponseFlags;
+use crate::request_info::{Reporter, RequestInfo};
+use crate::router::{self, RequestView};
+use crate::snapshot::{Fault, FaultAbort, HashKey, LoadBalancer, Rewrite, Route, RouteAction, WeightedDestinations};
+use crate::state::Shared;
+use crate::upstream::balance::hash_of;
+use crate::upstream::pool::UpstreamProtocol;
+use crate::upstream::split;
+
+use call::{CallError, RequestBody, UpstreamHead};
+use local_reply::local_reply;
+use record::{CountingBody, ObservedBody, Recorder};
+
+/// The largest request body kept in memory so that it can be retried or
+/// mirrored; larger or unsized bodies stream and are tried once.
+pub const MAX_REPLAY_BODY: u64 = 64 * 1024;
+
+/// What the listener knows about the downstream connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub remote: SocketAddr,
+    pub local: SocketAddr,
+    pub reporter: Reporter,
+}
+
+/// Serves one request; never fails (errors become local replies).
+pub async fn handle(
+    shared: Arc<Shared>,
+    conn: ConnInfo,
+    mut req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let started = Instant::now();
+    let on_upgrade = (req.version() == Version::HTTP_11 && req.headers().contains_key(header::UPGRADE))
+        .then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, incoming) = req.into_parts();
+    let request_id = headers::ensure_request_id(&mut parts.headers);
+    let authority = request_authority(&parts.uri, &parts.headers);
+    let (host, port) = split_host_port(&authority, conn.local.port());
+    let info = RequestInfo {
+        reporter: conn.reporter,
+        start: SystemTime::now(),
+        duration: Default::default(),
+        method: parts.method.clone(),
+        path: parts.uri.path_and_query().map_or_else(|| "/".to_string(), |p| p.as_str().to_string()),
+        protocol: protocol_name(parts.version),
+        authority: authority.clone(),
+        status: 0,
+        grpc_status: None,
+        is_grpc: is_grpc(&parts.headers),
+        flags: ResponseFlags::NONE,
+        bytes_received: 0,
+        bytes_sent: 0,
+        route_name: None,
+        cluster: None,
+        upstream: None,
+        attempts: 0,
+        request_id,
+        user_agent: parts.headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).map(str::to_string),
+        downstream_remote: conn.remote,
+    };
+    let mut rec = Recorder::new(shared.clone(), info, started);
+    let body = CountingBody::new(incoming, rec.received.clone());
+
+    let snapshot = shared.snapshot.load_full();
+    let Some(vh) = snapshot.find_virtual_host(&host) else {
+        return Ok(local_reply(rec, StatusCode::NOT_FOUND, ResponseFlags::NO_ROUTE, "route not found"));
+    };
+    let view = RequestView {
+        method: &parts.method,
+        path: parts.uri.path(),
+        query: parts.uri.query().unwrap_or(""),
+        scheme: "http",
+        authority: &authority,
+        headers: &parts.headers,
+        port,
+    };
+    let Some(route) = router::find_route(vh, &view) else {
+        return Ok(local_reply(rec, StatusCode::NOT_FOUND, ResponseFlags::NO_ROUTE, "route not found"));
+    };
+    rec.info.route_name = Some(route.name.clone());
+
+    let dests = match &route.action {
+        RouteAction::Forward(dests) => dests,
+        RouteAction::Direct { status, body } => {
+            return Ok(local_reply(rec, *status, ResponseFlags::NONE, body.clone()));
+        }
+        RouteAction::Redirect(r) => return Ok(local_reply::redirect(rec, r, &parts.uri, &authority)),
+    };
+
+    if let Some(fault) = &route.fault
+        && let Some(abort) = inject_fault(fault, &mut rec).await
+    {
+        return Ok(local_reply::fault_abort(rec, abort));
+    }
+
+    let hash = request_hash(dests, &parts.headers, view.query, conn.remote);
+    let dest = split::pick(dests, shared.split_mode, hash);
+    let cluster = dest.cluster.clone();
+    rec.info.cluster = Some(cluster.clone());
+
+    let upgrade = on_upgrade.is_some();
+    headers::strip_hop_by_hop(&mut parts.headers, upgrade);
+    parts.headers.remove(header::EXPECT);
+    headers::append_forwarded_for(&mut parts.headers, conn.remote.ip());
+    if !parts.headers.contains_key(&headers::X_FORWARDED_PROTO) {
+        parts.headers.insert(&headers::X_FORWARDED_PROTO, http::HeaderValue::from_static("http"));
+    }
+    headers::apply_edits(&mut parts.headers, &route.headers.request);
+    headers::apply_edits(&mut parts.headers, &dest.headers.request);
+    let (path, authority) = rewrite(route, &parts.uri, &authority);
+
+    let protocol = if parts.version == Version::HTTP_2 || cluster_speaks_h2(&cluster) {
+        UpstreamProtocol::Http2
+    } else {
+        UpstreamProtocol::Http1
+    };
+    let replayable = incoming_is_small(&parts.headers, &body);
+    let request_body = if body.is_end_stream() {
+        RequestBody::Buffered(Bytes::new())
+    } else if replayable && (route.retry.attempts > 0 || route.mirror.is_some()) {
+        match body.collect().await {
+            Ok(collected) => RequestBody::Buffered(collected.to_bytes()),
+            Err(_) => {
+                return Ok(local_reply(
+                    rec,
+                    StatusCode::BAD_REQUEST,
+                    ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION,
+                    "request body read failed",
+                ));
+            }
+        }
+    } else {
+        RequestBody::Stream(Some(body::boxed(body)))
+    };
+    let head = UpstreamHead { method: parts.method, path, authority, headers: parts.headers, protocol };
+
+    if let Some(mirror) = &route.mirror
+        && let RequestBody::Buffered(bytes) = &request_body
+    {
+        mirror::maybe_send(mirror, &head, bytes.clone());
+    }
+
+    let outcome = match route.timeout {
+        Some(limit) => {
+            match tokio::time::timeout(limit, call::call(&cluster, route, &head, request_body, hash, &mut rec)).await {
+                Ok(result) => result,
+                Err(_) => Err(CallError::Timeout),
+            }
+        }
+        None => call::call(&cluster, route, &head, request_body, hash, &mut rec).await,
+    };
+    let mut resp = match outcome {
+        Ok(resp) => resp,
+        Err(e) => {
+            let (status, flag, text) = e.reply();
+            return Ok(local_reply(rec, status, flag, text));
+        }
+    };
+
+    let status = resp.status();
+    rec.info.status = status.as_u16();
+    if rec.info.is_grpc {
+        rec.info.grpc_status = record::grpc_status(resp.headers());
+    }
+    if status == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(down) = on_upgrade
+    {
+        let up = hyper::upgrade::on(&mut resp);
+        tokio::spawn(call::splice_upgrade(down, up));
+    } else {
+        headers::strip_hop_by_hop(resp.headers_mut(), false);
+    }
+    headers::apply_edits(resp.headers_mut(), &route.headers.response);
+    headers::apply_edits(resp.headers_mut(), &dest.headers.response);
+    Ok(resp.map(|b| body::boxed(ObservedBody::new(body::boxed(b), rec))))
+}
+
+/// Host and port as the request addressed them: `:authority` (HTTP/2 or an
+/// absolute URI) or the `Host` header.
+fn request_authority(uri: &Uri, headers: &HeaderMap) -> String {
+    uri.authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// Lower-case host without port, and the port (or `default_port`).
+pub fn split_host_port(authority: &str, default_port: u16) -> (String, u16) {
+    let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
+        // [v6]:port
+        match rest.split_once(']') {
+            Some((h, p)) => (h, p.strip_prefix(':').and_then(|p| p.parse().ok())),
+            None => (rest, None),
+        }
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) if !h.contains(':') => (h, p.parse().ok()),
+            _ => (authority, None),
+        }
+    };
+    (host.to_ascii_lowercase(), port.unwrap_or(default_port))
+}
+
+fn protocol_name(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_3 => "HTTP/3",
+        _ => "HTTP/1.1",
+    }
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|ct| ct.starts_with("application/grpc"))
+}
+
+/// Whether the body is known to be small enough to buffer for retries.
+fn incoming_is_small<B: http_body::Body>(headers: &HeaderMap, body: &B) -> bool {
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    declared.or(body.size_hint().exact()).is_some_and(|len| len <= MAX_REPLAY_BODY)
+}
+
+/// Whether the cluster's service port is declared HTTP/2 or gRPC.
+fn cluster_speaks_h2(cluster: &crate::snapshot::Cluster) -> bool {
+    cluster.service.ports.iter().any(|(port, proto)| {
+        *port == cluster.port && matches!(proto.to_ascii_uppercase().as_str(), "HTTP2" | "GRPC" | "GRPC-WEB")
+    })
+}
+
+/// Applies `fault`: sleeps for an injected delay; returns the abort to answer
+/// with, if one is drawn.
+async fn inject_fault<'f>(fault: &'f Fault, rec: &mut Recorder) -> Option<&'f FaultAbort> {
+    if let Some((delay, pct)) = fault.delay
+        && hit(pct)
+    {
+        rec.info.flags.insert(ResponseFlags::DELAY_INJECTED);
+        tokio::time::sleep(delay).await;
+    }
+    fault.abort.as_ref().filter(|abort| hit(abort.percentage))
+}
+
+/// True with probability `percent` / 100.
+fn hit(percent: f64) -> bool {
+    percent >= 100.0 || (percent > 0.0 && rand::random::<f64>() * 100.0 < percent)
+}
+
+/// The consistent-hash key of the request, when the destination's policy has one.
+fn request_hash(dests: &WeightedDestinations, headers: &HeaderMap, query: &str, remote: SocketAddr) -> Option<u64> {
+    let LoadBalancer::ConsistentHash(key) = &dests.destinations.first()?.cluster.policy.load_balancer else {
+        return None;
+    };
+    match key {
+        HashKey::Header(name) => headers.get(name).map(|v| hash_of(&v.as_bytes())),
+        HashKey::Cookie(name) => cookie(headers, name).map(|v| hash_of(&v)),
+        HashKey::SourceIp => Some(hash_of(&remote.ip())),
+        HashKey::QueryParam(name) => router::query_param(query, name).map(|v| hash_of(&v)),
+    }
+}
+
+fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|pair| pair.trim().split_once('=').filter(|(k, _)| *k == name).map(|(_, v)| v))
+}
+
+/// The upstream path and authority after `rewrite`.
+fn rewrite(route: &Route, uri: &Uri, authority: &str) -> (String, String) {
+    let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
+    let Some(Rewrite { uri: new_uri, authority: new_auth }) = &route.rewrite else {
+        return (path_and_query.to_string(), authority.to_string());
+    };
+    let path = match new_uri {
+        Some(replacement) => {
+            let prefix = route.matches.iter().find_map(|m| match &m.uri {
+                Some(crate::snapshot::StringMatch::Prefix(p)) if uri.path().starts_with(p.as_str()) => Some(p.len()),
+                _ => None,
+            });
+            let rest = match prefix {
+                Some(len) => &path_and_query[len..],
+                // Exact or regex match: the whole path is replaced, the query kept.
+                None => uri.query().map_or("", |q| &path_and_query[path_and_query.len() - q.len() - 1..]),
+            };
+            let joined = format!("{replacement}{rest}");
+            if joined.starts_with('/') { joined } else { format!("/{joined}") }
+        }
+        None => path_and_query.to_string(),
+    };
+    (path, new_auth.clone().unwrap_or_else(|| authority.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_and_port() {
+        assert_eq!(split_host_port("Payment:8080", 80), ("payment".into(), 8080));
+        assert_eq!(split_host_port("payment", 15001), ("payment".into(), 15001));
+        assert_eq!(split_host_port("[::1]:9000", 80), ("::1".into(), 9000));
+        assert_eq!(split_host_port("payment.default.svc.cluster.local", 80).0, "payment.default.svc.cluster.local");
+    }
+
+    #[test]
+    fn cookies() {
+        let mut h = HeaderMap::new();
+        h.insert(header::COOKIE, "a=1; user=alice; b=2".parse().expect("value"));
+        assert_eq!(cookie(&h, "user"), Some("alice"));
+        assert_eq!(cookie(&h, "nope"), None);
+    }
+}

@@ -1,0 +1,147 @@
+//! `serin sidecar`: a proxy beside one workload. Binds every listener (outbound,
+//! admin, metrics, health), loads the config, watches it, and drains on SIGTERM
+//! or `/quitquitquit`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+use crate::access_log::AccessLog;
+use crate::forward::listener;
+use crate::request_info::Reporter;
+use crate::snapshot::Snapshot;
+use crate::state::{LocalWorkload, Shared};
+use crate::upstream::split::SplitMode;
+use crate::{admin, config, reload};
+
+/// Options of `serin sidecar`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SidecarArgs {
+    /// Istio YAML file or folder (VirtualService, DestinationRule, ServiceEntry,
+    /// WorkloadEntry); reloaded when it changes.
+    #[arg(long, env = "SERIN_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Outbound listener: the app's outgoing traffic, routed by the Host header.
+    #[arg(long, default_value = "0.0.0.0:15001")]
+    pub outbound: SocketAddr,
+    /// Admin server (`/config_dump`, `/clusters`, `/ready`, `/quitquitquit`).
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    pub admin: SocketAddr,
+    /// Prometheus metrics (`/stats/prometheus`).
+    #[arg(long, default_value = "0.0.0.0:15090")]
+    pub metrics: SocketAddr,
+    /// Health (`/healthz/ready`).
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    pub health: SocketAddr,
+    /// This workload's name (the `source_workload` label).
+    #[arg(long, env = "SERIN_WORKLOAD", default_value = "unknown")]
+    pub workload: String,
+    /// This workload's namespace.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+    /// This workload's `app` label.
+    #[arg(long = "app-label", env = "SERIN_APP", default_value = "unknown")]
+    pub app_label: String,
+    /// This workload's `version` label.
+    #[arg(long = "app-version", env = "SERIN_VERSION", default_value = "unknown")]
+    pub app_version: String,
+    /// Turn the JSON access log on stdout off.
+    #[arg(long)]
+    pub no_access_log: bool,
+    /// How weighted destinations are picked: exact shares, or a random draw per
+    /// request like Envoy.
+    #[arg(long, value_enum, default_value = "exact")]
+    pub split: SplitMode,
+    /// How long a drain lets requests in flight finish.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+/// A running sidecar's bound addresses.
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    pub outbound: SocketAddr,
+    pub admin: SocketAddr,
+    pub metrics: SocketAddr,
+    pub health: SocketAddr,
+}
+
+/// Loads and compiles the config at `path`.
+pub fn load_snapshot(path: &std::path::Path, shared_registry: &crate::snapshot::EndpointRegistry) -> anyhow::Result<Snapshot> {
+    let source = format!("file:{}", path.display());
+    let set = config::load_path(path).map_err(|e| anyhow::anyhow!("{e}")).with_context(|| format!("loading {}", path.display()))?;
+    config::compile(&set, shared_registry, &source).map_err(|e| anyhow::anyhow!("{e}")).with_context(|| format!("compiling {}", path.display()))
+}
+
+/// Binds every listener and starts serving; returns the shared state and the
+/// bound addresses. The sidecar runs until `shared.drain` is triggered.
+pub async fn start(args: &SidecarArgs) -> anyhow::Result<(Arc<Shared>, Bound, tokio::task::JoinHandle<()>)> {
+    let local = LocalWorkload {
+        workload: args.workload.clone(),
+        namespace: args.namespace.clone(),
+        app: args.app_label.clone(),
+        version: args.app_version.clone(),
+        principal: "unknown".into(),
+    };
+    let access_log = AccessLog::new(!args.no_access_log).with_local(&local);
+    let shared = Shared::with_split(Snapshot::empty("none"), local, access_log, args.split);
+    if let Some(path) = &args.config {
+        let snapshot = load_snapshot(path, &shared.registry)?;
+        shared.apply(snapshot);
+        reload::spawn_watch(path.clone(), shared.clone());
+    }
+    let outbound = listener::bind(args.outbound, "--outbound").await?;
+    let admin_l = listener::bind(args.admin, "--admin").await?;
+    let metrics_l = listener::bind(args.metrics, "--metrics").await?;
+    let health_l = listener::bind(args.health, "--health").await?;
+    let bound = Bound {
+        outbound: outbound.local_addr()?,
+        admin: admin_l.local_addr()?,
+        metrics: metrics_l.local_addr()?,
+        health: health_l.local_addr()?,
+    };
+    tokio::spawn(admin::serve_admin(admin_l, shared.clone()));
+    tokio::spawn(admin::serve_metrics(metrics_l, shared.clone()));
+    tokio::spawn(admin::serve_health(health_l, shared.clone()));
+    let data = tokio::spawn(listener::serve(outbound, shared.clone(), Reporter::Source, args.drain_timeout));
+    tracing::info!(outbound = %bound.outbound, admin = %bound.admin, metrics = %bound.metrics, health = %bound.health, "sidecar ready");
+    Ok((shared, bound, data))
+}
+
+/// Runs `serin sidecar` until SIGTERM, Ctrl-C or `/quitquitquit`, then drains.
+pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
+    let (shared, _bound, data) = start(&args).await?;
+    tokio::select! {
+        () = shutdown_signal() => {
+            tracing::info!("signal received: draining");
+            shared.drain.trigger();
+        }
+        () = shared.drain.signaled() => tracing::info!("drain requested: draining"),
+    }
+    let idle = shared.drain.wait_idle(args.drain_timeout).await;
+    let _ = tokio::time::timeout(args.drain_timeout, data).await;
+    if !idle {
+        tracing::warn!(in_flight = shared.drain.in_flight(), "drain deadline passed; exiting with requests in flight");
+    }
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = async {
+        match signal(SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}
