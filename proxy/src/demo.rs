@@ -84,8 +84,17 @@ impl Table {
     fn render(&mut self, elapsed: Duration, interval: Duration) -> String {
         let total: u64 = self.versions.values().map(|v| v.requests).sum();
         let mut out = String::new();
-        let _ = writeln!(out, "\n[{:>5.1}s] payment canary through the sidecar ({} requests)", elapsed.as_secs_f64(), total);
-        let _ = writeln!(out, "{:<8} {:>9} {:>7} {:>8} {:>9} {:>9} {:>9}", "version", "requests", "rps", "share", "success", "p50", "p99");
+        let _ = writeln!(
+            out,
+            "\n[{:>5.1}s] payment canary through the sidecar ({} requests)",
+            elapsed.as_secs_f64(),
+            total
+        );
+        let _ = writeln!(
+            out,
+            "{:<8} {:>9} {:>7} {:>8} {:>9} {:>9} {:>9}",
+            "version", "requests", "rps", "share", "success", "p50", "p99"
+        );
         for (version, s) in &mut self.versions {
             let rps = (s.requests - s.last_requests) as f64 / interval.as_secs_f64();
             s.last_requests = s.requests;

@@ -70,10 +70,17 @@ pub struct Bound {
 }
 
 /// Loads and compiles the config at `path`.
-pub fn load_snapshot(path: &std::path::Path, shared_registry: &crate::snapshot::EndpointRegistry) -> anyhow::Result<Snapshot> {
+pub fn load_snapshot(
+    path: &std::path::Path,
+    shared_registry: &crate::snapshot::EndpointRegistry,
+) -> anyhow::Result<Snapshot> {
     let source = format!("file:{}", path.display());
-    let set = config::load_path(path).map_err(|e| anyhow::anyhow!("{e}")).with_context(|| format!("loading {}", path.display()))?;
-    config::compile(&set, shared_registry, &source).map_err(|e| anyhow::anyhow!("{e}")).with_context(|| format!("compiling {}", path.display()))
+    let set = config::load_path(path)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(|| format!("loading {}", path.display()))?;
+    config::compile(&set, shared_registry, &source)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(|| format!("compiling {}", path.display()))
 }
 
 /// Binds every listener and starts serving; returns the shared state and the

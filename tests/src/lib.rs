@@ -1,1 +1,311 @@
-//! End-to-end tests of serin: real processes, sockets and clients (see tests/README.md).
+//! End-to-end test harness for serin: real demo upstreams on loopback, a real
+//! sidecar with a config folder on disk, and real clients (hyper, curl).
+//!
+//! Every test builds its own small world on 127.0.0.1 with ephemeral ports, so
+//! tests run in parallel without clashing.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use serin::demo_app::{AppConfig, DemoApp};
+use serin::sidecar::{self, Bound, SidecarArgs};
+use serin::state::Shared;
+use serin::upstream::split::SplitMode;
+use tokio::net::TcpStream;
+
+/// One demo pod of a service.
+#[derive(Debug, Clone)]
+pub struct Pod {
+    pub name: String,
+    pub version: String,
+    pub addr: SocketAddr,
+}
+
+/// Starts one demo upstream per `(version, config)`.
+pub async fn start_pods(service: &str, specs: Vec<(&str, AppConfig)>) -> (Vec<DemoApp>, Vec<Pod>) {
+    let mut apps = Vec::new();
+    let mut pods = Vec::new();
+    for (i, (version, mut cfg)) in specs.into_iter().enumerate() {
+        cfg.service = service.to_string();
+        cfg.version = version.to_string();
+        let app = DemoApp::start("127.0.0.1:0".parse().expect("addr"), cfg).await.expect("start demo upstream");
+        pods.push(Pod { name: format!("{service}-{version}-{i}"), version: version.to_string(), addr: app.addr() });
+        apps.push(app);
+    }
+    (apps, pods)
+}
+
+/// A ServiceEntry for `service` in namespace `default` on port 8080 (protocol
+/// `protocol`), with one WorkloadEntry per pod.
+pub fn registry_yaml(service: &str, protocol: &str, pods: &[Pod]) -> String {
+    let mut out = format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: {service}\n  namespace: default\nspec:\n  hosts: [{service}.default.svc.cluster.local]\n  location: MESH_INTERNAL\n  resolution: STATIC\n  ports:\n  - {{number: 8080, name: http, protocol: {protocol}}}\n  workloadSelector:\n    labels: {{app: {service}}}\n"
+    );
+    for pod in pods {
+        out.push_str(&format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata:\n  name: {}\n  namespace: default\nspec:\n  address: {}\n  ports: {{http: {}}}\n  labels: {{app: {service}, version: {}}}\n",
+            pod.name,
+            pod.addr.ip(),
+            pod.addr.port(),
+            pod.version
+        ));
+    }
+    out
+}
+
+/// DestinationRule with subsets v1 and v2 and an optional extra trafficPolicy
+/// (YAML, indented under `trafficPolicy:`).
+pub fn subsets_yaml(service: &str, traffic_policy: Option<&str>) -> String {
+    let policy = traffic_policy.map(|p| format!("  trafficPolicy:\n{p}")).unwrap_or_default();
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  name: {service}\n  namespace: default\nspec:\n  host: {service}\n{policy}  subsets:\n  - name: v1\n    labels: {{version: v1}}\n  - name: v2\n    labels: {{version: v2}}\n"
+    )
+}
+
+/// A running sidecar over a config folder.
+pub struct Sidecar {
+    pub shared: Arc<Shared>,
+    pub bound: Bound,
+    pub dir: tempfile::TempDir,
+}
+
+impl Sidecar {
+    /// Writes `docs` (YAML documents) to the config folder and starts a sidecar.
+    pub async fn start(docs: &[String]) -> Sidecar {
+        Self::start_with(docs, SplitMode::Exact).await
+    }
+
+    /// Like [`Sidecar::start`], with a choice of split mode.
+    pub async fn start_with(docs: &[String], split: SplitMode) -> Sidecar {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_config(dir.path(), docs);
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        let args = SidecarArgs {
+            config: Some(dir.path().to_path_buf()),
+            outbound: any,
+            admin: any,
+            metrics: any,
+            health: any,
+            workload: "frontend".into(),
+            namespace: "default".into(),
+            app_label: "frontend".into(),
+            app_version: "v1".into(),
+            no_access_log: true,
+            split,
+            drain_timeout: Duration::from_secs(2),
+        };
+        let (shared, bound, _data) = sidecar::start(&args).await.expect("start sidecar");
+        Sidecar { shared, bound, dir }
+    }
+
+    /// Replaces the config (atomically: write then rename).
+    pub fn rewrite(&self, docs: &[String]) {
+        write_config(self.dir.path(), docs);
+    }
+
+    /// The current snapshot's version.
+    pub fn version(&self) -> String {
+        self.shared.snapshot.load().version.clone()
+    }
+
+    /// Waits until the snapshot version differs from `old` (bounded: 10 s).
+    pub async fn wait_reload(&self, old: &str) {
+        for _ in 0..200 {
+            if self.version() != old {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("config was not reloaded within 10 s");
+    }
+
+    /// The Prometheus text from the metrics port.
+    pub async fn scrape(&self) -> String {
+        let (status, _, body) = get(self.bound.metrics, "metrics", "/stats/prometheus", &[]).await.expect("scrape");
+        assert_eq!(status, StatusCode::OK);
+        String::from_utf8_lossy(&body).into_owned()
+    }
+}
+
+/// Writes the documents as one file, atomically.
+pub fn write_config(dir: &Path, docs: &[String]) {
+    let path: PathBuf = dir.join("config.yaml");
+    let tmp = dir.join(".config.yaml.tmp");
+    std::fs::write(&tmp, docs.join("\n---\n")).expect("write config");
+    std::fs::rename(&tmp, &path).expect("rename config");
+}
+
+/// One HTTP/1.1 request on a new connection; returns status, headers and body.
+pub async fn get(
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<(StatusCode, HeaderMap, Bytes), Box<dyn std::error::Error + Send + Sync>> {
+    let stream = TcpStream::connect(addr).await?;
+    let (mut sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let mut req = Request::builder().uri(path).header("host", host);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = sender.send_request(req.body(Full::new(Bytes::new()))?).await?;
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await?.to_bytes();
+    Ok((parts.status, parts.headers, body))
+}
+
+/// A keep-alive HTTP/1.1 client on one connection.
+pub struct Client {
+    sender: http1::SendRequest<Full<Bytes>>,
+    host: String,
+}
+
+impl Client {
+    /// Connects to `addr`, sending `host` as the Host header.
+    pub async fn connect(addr: SocketAddr, host: &str) -> Client {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.expect("handshake");
+        tokio::spawn(conn);
+        Client { sender, host: host.to_string() }
+    }
+
+    /// GET `path` with extra headers; returns status and body.
+    pub async fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> (StatusCode, Bytes) {
+        self.sender.ready().await.expect("connection ready");
+        let mut req = Request::builder().uri(path).header("host", &self.host);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = self.sender.send_request(req.body(Full::new(Bytes::new())).expect("request")).await.expect("send");
+        let status = resp.status();
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        (status, body)
+    }
+}
+
+/// The `version` field of a demo upstream's JSON answer.
+pub fn version_of(body: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    v.get("version")?.as_str().map(str::to_string)
+}
+
+/// Sum of the samples of `metric` whose label set contains every `labels` pair.
+pub fn metric_sum(text: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(metric) && l[metric.len()..].starts_with('{'))
+        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Runs curl with `args`; returns (exit ok, stdout).
+pub fn curl(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "10"])
+        .args(args)
+        .output()
+        .expect("curl is installed");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+// ---- Helpers of the protocol tests (tests/tests/protocol_*.rs) ----
+
+/// A VirtualService for `service` that sends every request to `subset`. `extra`
+/// holds more fields of the one route, as YAML lines indented by four spaces
+/// (e.g. `"    timeout: 300ms\n"`).
+pub fn route_all_yaml(service: &str, subset: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {service}, namespace: default}}\nspec:\n  hosts: [{service}]\n  http:\n  - name: all-{subset}\n    route: [{{destination: {{host: {service}, subset: {subset}}}}}]\n{extra}"
+    )
+}
+
+/// A running world: demo pods of `payment` and a sidecar in front of them.
+pub struct World {
+    pub apps: Vec<DemoApp>,
+    pub pods: Vec<Pod>,
+    pub sidecar: Sidecar,
+}
+
+impl World {
+    /// One `payment` v1 pod with `cfg`, registered with port protocol `protocol`,
+    /// subsets v1/v2, and a route sending everything to v1 (plus `route_extra`, see
+    /// [`route_all_yaml`]).
+    pub async fn payment_v1(protocol: &str, cfg: AppConfig, route_extra: &str) -> World {
+        let (apps, pods) = start_pods("payment", vec![("v1", cfg)]).await;
+        let sidecar = Sidecar::start(&[
+            registry_yaml("payment", protocol, &pods),
+            subsets_yaml("payment", None),
+            route_all_yaml("payment", "v1", route_extra),
+        ])
+        .await;
+        World { apps, pods, sidecar }
+    }
+
+    /// The sidecar's outbound address.
+    pub fn outbound(&self) -> SocketAddr {
+        self.sidecar.bound.outbound
+    }
+}
+
+/// Writes `request` on a new connection and reads until the peer closes (at most
+/// 10 s); a write or read error ends the exchange and what was read is returned.
+pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let _ = stream.write_all(request).await;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => out.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Scrapes until `metric_sum(metric, labels)` reaches `want` (bounded: 10 s);
+/// returns the last scrape, and panics with it when the value never arrives.
+pub async fn wait_metric(sidecar: &Sidecar, metric: &str, labels: &[(&str, &str)], want: f64) -> String {
+    let mut text = String::new();
+    for _ in 0..200 {
+        text = sidecar.scrape().await;
+        if metric_sum(&text, metric, labels) >= want {
+            return text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{metric} {labels:?} never reached {want}; last scrape:\n{text}");
+}
+
+/// The distinct values of `label` among the samples of `metric`.
+pub fn label_values(text: &str, metric: &str, label: &str) -> Vec<String> {
+    let key = format!("{label}=\"");
+    let mut values: Vec<String> = text
+        .lines()
+        .filter(|l| l.starts_with(metric) && l[metric.len()..].starts_with('{'))
+        .filter_map(|l| {
+            let start = l.find(&key)? + key.len();
+            let end = l[start..].find('"')?;
+            Some(l[start..start + end].to_string())
+        })
+        .collect();
+    values.sort();
+    values.dedup();
+    values
+}
+
+/// The demo upstream's `/echo` answer, parsed.
+pub fn echo_json(body: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)))
+}

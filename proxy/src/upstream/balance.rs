@@ -49,9 +49,7 @@ fn rendezvous(eps: &[Arc<Endpoint>], key: u64, ok: &dyn Fn(&Endpoint) -> bool) -
 
 /// A stable 64-bit hash (same across processes, unlike `RandomState`).
 pub fn hash_of<T: std::hash::Hash>(value: &T) -> u64 {
-    let mut h = StableHasher.build_hasher();
-    value.hash(&mut h);
-    h.finish()
+    StableHasher.hash_one(value)
 }
 
 /// FNV-1a: stable, fast on short keys.

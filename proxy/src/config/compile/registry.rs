@@ -68,7 +68,10 @@ pub fn services(
                     endpoints.push(ResolvedEndpoint { ip, spec: spec.clone() });
                 }
             }
-            if specs.is_empty() && se.resolution == Resolution::DNS && !host.starts_with('*') {
+            if specs.is_empty()
+                && matches!(se.resolution, Resolution::DNS | Resolution::DNS_ROUND_ROBIN)
+                && !host.starts_with('*')
+            {
                 for ip in resolve(host) {
                     let spec = CheckedEndpoint {
                         address: host.clone(),

@@ -274,3 +274,51 @@ fn tls(t: &model::ClientTlsSettings, path: &str, sink: &mut Sink<'_>) -> Option<
         ClientTlsMode::ISTIO_MUTUAL => TlsMode::IstioMutual,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::error::ConfigError;
+
+    fn overlay(yaml: &str) -> (PolicyOverlay, Vec<ConfigError>) {
+        let p: model::TrafficPolicy = serde_saphyr::from_str(yaml).expect("yaml");
+        let mut errors = Vec::new();
+        let mut sink = Sink { file: "f", resource: "DestinationRule d/x".into(), errors: &mut errors };
+        let o = traffic_policy(&p, "spec.trafficPolicy", &mut sink);
+        (o, errors)
+    }
+
+    #[test]
+    fn subset_overrides_the_rule_field_by_field() {
+        let (rule, e1) = overlay("loadBalancer: {simple: ROUND_ROBIN}\nconnectionPool: {tcp: {maxConnections: 7}}\n");
+        let (subset, e2) = overlay("loadBalancer: {simple: RANDOM}\noutlierDetection: {baseEjectionTime: 1m}\n");
+        assert!(e1.is_empty() && e2.is_empty());
+        let merged = subset.over(&rule).resolve();
+        assert_eq!(merged.load_balancer, LoadBalancer::Random);
+        assert_eq!(merged.pool.max_connections, 7);
+        let outlier = merged.outlier.expect("block present = on");
+        assert_eq!(outlier.base_ejection_time, Duration::from_secs(60));
+        assert_eq!(outlier.consecutive_5xx, 5, "Istio default for a missing field");
+        let none = PolicyOverlay::default().resolve();
+        assert_eq!(none.load_balancer, LoadBalancer::LeastRequest);
+        assert!(none.outlier.is_none() && none.tls.is_none());
+    }
+
+    #[test]
+    fn policy_values_and_unsupported_fields() {
+        let (o, e) = overlay("loadBalancer: {simple: LEAST_CONN}\ntls: {mode: DISABLE}\n");
+        assert!(e.is_empty());
+        assert_eq!((o.load_balancer, o.tls), (Some(LoadBalancer::LeastRequest), Some(TlsMode::Disable)));
+        let (_, e) = overlay("loadBalancer: {consistentHash: {httpCookie: {name: u, ttl: 0s}, useSourceIp: true}}\n");
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].field, "spec.trafficPolicy.loadBalancer.consistentHash");
+        let (_, e) = overlay("portLevelSettings: []\nconnectionPool: {http: {http2MaxRequests: 5}}\n");
+        let fields: Vec<&str> = e.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            vec!["spec.trafficPolicy.portLevelSettings", "spec.trafficPolicy.connectionPool.http.http2MaxRequests"]
+        );
+        let (_, e) = overlay("outlierDetection: {maxEjectionPercent: 101}\n");
+        assert_eq!(e[0].field, "spec.trafficPolicy.outlierDetection.maxEjectionPercent");
+    }
+}

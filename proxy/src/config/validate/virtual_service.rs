@@ -299,3 +299,46 @@ fn check_match(m: &model::HttpMatchRequest, path: &str, sink: &mut Sink<'_>) -> 
     out.port = m.port.and_then(|p| sink.check(&format!("{path}.port"), fields::port(p)));
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::error::ConfigError;
+
+    fn routes(yaml: &str) -> (Vec<(Option<String>, u32)>, Vec<ConfigError>) {
+        let list: Vec<model::HttpRouteDestination> = serde_saphyr::from_str(yaml).expect("yaml");
+        let mut errors = Vec::new();
+        let mut sink = Sink { file: "f", resource: "VirtualService ns/vs".into(), errors: &mut errors };
+        let out = destinations(&list, "spec.http[0]", "ns", &mut sink);
+        (out.into_iter().map(|d| (d.dest.subset, d.weight)).collect(), errors)
+    }
+
+    #[test]
+    fn relative_weights() {
+        let (d, e) = routes(
+            "- {destination: {host: a, subset: v1}, weight: 999}\n- {destination: {host: a, subset: v2}, weight: 1}\n",
+        );
+        assert!(e.is_empty());
+        assert_eq!(d, vec![(Some("v1".into()), 999), (Some("v2".into()), 1)]);
+        let (d, e) = routes("- {destination: {host: a}, weight: 0}\n");
+        assert!(e.is_empty());
+        assert_eq!(d, vec![(None, 1)], "a single destination takes all");
+        let (d, _) =
+            routes("- {destination: {host: a, subset: v1}, weight: 3}\n- {destination: {host: a, subset: v2}}\n");
+        assert_eq!(d, vec![(Some("v1".into()), 3)], "absent weight = 0 = dropped");
+        let (_, e) = routes(
+            "- {destination: {host: a, subset: v1}, weight: 0}\n- {destination: {host: a, subset: v2}, weight: 0}\n",
+        );
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].field, "spec.http[0].route");
+        let (_, e) = routes("- {destination: {host: a}, weight: -1}\n- {destination: {host: a}, weight: 1}\n");
+        assert_eq!(e[0].field, "spec.http[0].route[0].weight");
+    }
+
+    #[test]
+    fn gateways_select_sidecars() {
+        assert!(applies_to_mesh(&[]));
+        assert!(applies_to_mesh(&["gw".into(), "mesh".into()]));
+        assert!(!applies_to_mesh(&["gw".into()]));
+    }
+}
