@@ -23,8 +23,8 @@ pub const TEMPLATE: &str = include_str!("demo/payment.yaml");
 /// Options of `serin demo`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
-    /// Stop after this long (default: run until Ctrl-C).
-    #[arg(long, value_parser = humantime::parse_duration)]
+    /// Stop after this long, e.g. `30s` or `30` (default: run until Ctrl-C).
+    #[arg(long, value_parser = parse_duration)]
     pub duration: Option<Duration>,
     /// Requests per second of the built-in load.
     #[arg(long, default_value_t = 300)]
@@ -38,6 +38,14 @@ pub struct DemoArgs {
     /// Folder for the generated config (default: a new folder under the temp dir).
     #[arg(long)]
     pub dir: Option<PathBuf>,
+}
+
+/// A duration like `30s`, `2m`, or a plain number of seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    match text.parse::<u64>() {
+        Ok(secs) => Ok(Duration::from_secs(secs)),
+        Err(_) => humantime::parse_duration(text).map_err(|e| e.to_string()),
+    }
 }
 
 /// Per-version figures of the built-in load.
@@ -120,6 +128,23 @@ impl Table {
     }
 }
 
+/// One line of the sidecar's own `istio_requests_total` per destination version,
+/// so the table can be checked against the metrics Prometheus would scrape.
+fn sidecar_counts(metrics: &str) -> String {
+    let mut counts: BTreeMap<String, f64> = BTreeMap::new();
+    for line in metrics.lines().filter(|l| l.starts_with("istio_requests_total{")) {
+        let version =
+            line.split("destination_version=\"").nth(1).and_then(|rest| rest.split('"').next()).unwrap_or("unknown");
+        let value = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        *counts.entry(version.to_string()).or_default() += value;
+    }
+    let parts: Vec<String> = counts.iter().map(|(v, n)| format!("{v}={n}")).collect();
+    format!(
+        "sidecar metrics: istio_requests_total{{reporter=\"source\"}} by destination_version: {}\n",
+        parts.join(", ")
+    )
+}
+
 /// The config text for the given pods: `(version, address)` pairs.
 pub fn render_config(pods: &[(&str, std::net::SocketAddr)]) -> String {
     let mut entries = String::new();
@@ -164,6 +189,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let sidecar_args = SidecarArgs {
         config: Some(dir.clone()),
         outbound: any,
+        inbound: any,
+        app: "127.0.0.1:8080".parse()?,
         admin: any,
         metrics: any,
         health: any,
@@ -203,7 +230,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         tokio::select! {
             _ = ticker.tick() => {
                 let text = table.lock().unwrap_or_else(|e| e.into_inner()).render(started.elapsed(), interval);
-                print!("{text}");
+                print!("{text}{}", sidecar_counts(&shared.metrics.encode()));
                 if deadline.is_some_and(|d| Instant::now() >= d) {
                     break;
                 }

@@ -14,6 +14,7 @@ pub mod demo_load;
 pub mod drain;
 pub mod flags;
 pub mod forward;
+pub mod inbound;
 pub mod metrics;
 pub mod reload;
 pub mod request_info;

@@ -15,7 +15,7 @@ use crate::request_info::Reporter;
 use crate::snapshot::Snapshot;
 use crate::state::{LocalWorkload, Shared};
 use crate::upstream::split::SplitMode;
-use crate::{admin, config, reload};
+use crate::{admin, config, inbound, reload};
 
 /// Options of `serin sidecar`.
 #[derive(Debug, Clone, clap::Args)]
@@ -27,6 +27,12 @@ pub struct SidecarArgs {
     /// Outbound listener: the app's outgoing traffic, routed by the Host header.
     #[arg(long, default_value = "0.0.0.0:15001")]
     pub outbound: SocketAddr,
+    /// Inbound listener: traffic to this pod, forwarded to `--app`.
+    #[arg(long, default_value = "0.0.0.0:15006")]
+    pub inbound: SocketAddr,
+    /// The local app that inbound traffic goes to.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub app: SocketAddr,
     /// Admin server (`/config_dump`, `/clusters`, `/ready`, `/quitquitquit`).
     #[arg(long, default_value = "127.0.0.1:15000")]
     pub admin: SocketAddr,
@@ -64,6 +70,7 @@ pub struct SidecarArgs {
 #[derive(Debug, Clone, Copy)]
 pub struct Bound {
     pub outbound: SocketAddr,
+    pub inbound: SocketAddr,
     pub admin: SocketAddr,
     pub metrics: SocketAddr,
     pub health: SocketAddr,
@@ -101,11 +108,13 @@ pub async fn start(args: &SidecarArgs) -> anyhow::Result<(Arc<Shared>, Bound, to
         reload::spawn_watch(path.clone(), shared.clone());
     }
     let outbound = listener::bind(args.outbound, "--outbound").await?;
+    let inbound_l = listener::bind(args.inbound, "--inbound").await?;
     let admin_l = listener::bind(args.admin, "--admin").await?;
     let metrics_l = listener::bind(args.metrics, "--metrics").await?;
     let health_l = listener::bind(args.health, "--health").await?;
     let bound = Bound {
         outbound: outbound.local_addr()?,
+        inbound: inbound_l.local_addr()?,
         admin: admin_l.local_addr()?,
         metrics: metrics_l.local_addr()?,
         health: health_l.local_addr()?,
@@ -113,8 +122,10 @@ pub async fn start(args: &SidecarArgs) -> anyhow::Result<(Arc<Shared>, Bound, to
     tokio::spawn(admin::serve_admin(admin_l, shared.clone()));
     tokio::spawn(admin::serve_metrics(metrics_l, shared.clone()));
     tokio::spawn(admin::serve_health(health_l, shared.clone()));
+    shared.inbound.store(Arc::new(inbound::snapshot(args.app, bound.inbound.port(), &shared.local, &shared.registry)));
+    tokio::spawn(listener::serve(inbound_l, shared.clone(), Reporter::Destination, args.drain_timeout));
     let data = tokio::spawn(listener::serve(outbound, shared.clone(), Reporter::Source, args.drain_timeout));
-    tracing::info!(outbound = %bound.outbound, admin = %bound.admin, metrics = %bound.metrics, health = %bound.health, "sidecar ready");
+    tracing::info!(outbound = %bound.outbound, inbound = %bound.inbound, app = %args.app, admin = %bound.admin, metrics = %bound.metrics, health = %bound.health, "sidecar ready");
     Ok((shared, bound, data))
 }
 

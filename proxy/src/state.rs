@@ -54,6 +54,8 @@ pub struct RejectedUpdate {
 pub struct Shared {
     /// The routing snapshot the request path reads.
     pub snapshot: ArcSwap<Snapshot>,
+    /// The inbound side's snapshot: every request to the local app.
+    pub inbound: ArcSwap<Snapshot>,
     /// The last rejected update, shown in `/config_dump`.
     pub rejected: Mutex<Option<RejectedUpdate>>,
     /// Endpoint runtime state kept across snapshots.
@@ -81,6 +83,7 @@ impl Shared {
     ) -> Arc<Shared> {
         Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
+            inbound: ArcSwap::from_pointee(Snapshot::empty("inbound")),
             rejected: Mutex::new(None),
             registry: EndpointRegistry::default(),
             metrics: Metrics::new(),

@@ -84,12 +84,19 @@ impl Sidecar {
 
     /// Like [`Sidecar::start`], with a choice of split mode.
     pub async fn start_with(docs: &[String], split: SplitMode) -> Sidecar {
+        Self::start_full(docs, split, "127.0.0.1:8080".parse().expect("addr")).await
+    }
+
+    /// Like [`Sidecar::start`], with a split mode and the inbound side's app address.
+    pub async fn start_full(docs: &[String], split: SplitMode, app: SocketAddr) -> Sidecar {
         let dir = tempfile::tempdir().expect("tempdir");
         write_config(dir.path(), docs);
         let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
         let args = SidecarArgs {
             config: Some(dir.path().to_path_buf()),
             outbound: any,
+            inbound: any,
+            app,
             admin: any,
             metrics: any,
             health: any,
@@ -308,4 +315,292 @@ pub fn label_values(text: &str, metric: &str, label: &str) -> Vec<String> {
 /// The demo upstream's `/echo` answer, parsed.
 pub fn echo_json(body: &[u8]) -> serde_json::Value {
     serde_json::from_slice(body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)))
+}
+
+// ---------------------------------------------------------------------------
+// Helpers of the traffic-management tests (tests/tests/traffic_*.rs).
+// ---------------------------------------------------------------------------
+
+/// The `pod` field of a demo upstream's JSON answer.
+pub fn pod_of(body: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    v.get("pod")?.as_str().map(str::to_string)
+}
+
+/// A `Pod` entry for an address that is not a demo upstream (a recording
+/// upstream, or a closed port).
+pub fn pod_at(name: &str, version: &str, addr: SocketAddr) -> Pod {
+    Pod { name: name.to_string(), version: version.to_string(), addr }
+}
+
+/// A loopback address nothing listens on: bind port 0, note the port, close it.
+pub fn closed_port() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    drop(listener);
+    addr
+}
+
+/// A VirtualService `payment` in namespace `default` for `hosts` (a YAML flow
+/// list body, e.g. `payment`), with `http` (YAML of the `http:` list, indented
+/// by two spaces).
+pub fn vs_yaml(name: &str, hosts: &str, http: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  hosts: [{hosts}]\n  http:\n{http}"
+    )
+}
+
+/// Sum of the samples of `metric` whose `response_flags` label contains `flag`
+/// (flags are a comma list such as `UF,URX`) and whose labels contain `labels`.
+pub fn metric_sum_with_flag(text: &str, metric: &str, flag: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(metric) && l[metric.len()..].starts_with('{'))
+        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter(|l| {
+            l.split("response_flags=\"")
+                .nth(1)
+                .and_then(|rest| rest.split('"').next())
+                .is_some_and(|flags| flags.split(',').any(|f| f == flag))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+impl Sidecar {
+    /// GET `path` on the admin port; the body as JSON.
+    pub async fn admin_json(&self, path: &str) -> serde_json::Value {
+        let (status, _, body) = get(self.bound.admin, "admin", path, &[]).await.expect("admin request");
+        assert_eq!(status, StatusCode::OK, "admin {path}");
+        serde_json::from_slice(&body).expect("admin JSON")
+    }
+
+    /// Scrapes until `metric` (filtered by `labels` and, when given, a response
+    /// flag) sums to at least `at_least`; returns the last scrape. Bounded: 10 s.
+    /// (Requests are recorded when their response ends, which may be a moment
+    /// after the client has read it.)
+    pub async fn wait_metric(
+        &self,
+        metric: &str,
+        flag: Option<&str>,
+        labels: &[(&str, &str)],
+        at_least: f64,
+    ) -> String {
+        let mut text = String::new();
+        for _ in 0..200 {
+            text = self.scrape().await;
+            let sum = match flag {
+                Some(f) => metric_sum_with_flag(&text, metric, f, labels),
+                None => metric_sum(&text, metric, labels),
+            };
+            if sum >= at_least {
+                return text;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{metric} {labels:?} flag {flag:?} never reached {at_least}; last scrape:\n{text}");
+    }
+
+    /// The `/clusters?format=json` host status of `addr` in cluster `cluster`.
+    pub async fn host_status(&self, cluster: &str, addr: SocketAddr) -> serde_json::Value {
+        let clusters = self.admin_json("/clusters?format=json").await;
+        let list = clusters["cluster_statuses"].as_array().expect("cluster_statuses");
+        let c =
+            list.iter().find(|c| c["name"] == cluster).unwrap_or_else(|| panic!("no cluster {cluster}: {clusters}"));
+        let hosts = c["host_statuses"].as_array().expect("host_statuses");
+        hosts
+            .iter()
+            .find(|h| h["address"] == addr.to_string())
+            .cloned()
+            .unwrap_or_else(|| panic!("no host {addr} in {cluster}: {c}"))
+    }
+
+    /// Polls `/config_dump` until its `last_rejected` is set; returns the error.
+    /// Bounded: 10 s.
+    pub async fn wait_rejected(&self) -> String {
+        for _ in 0..200 {
+            let dump = self.admin_json("/config_dump").await;
+            if let Some(error) = dump["last_rejected"]["error"].as_str() {
+                return error.to_string();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("no rejected update within 10 s");
+    }
+}
+
+impl Client {
+    /// Like [`Client::get`], but returns connection errors instead of panicking,
+    /// and the response headers too.
+    pub async fn try_get(
+        &mut self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<(StatusCode, HeaderMap, Bytes), Box<dyn std::error::Error + Send + Sync>> {
+        self.request("GET", path, headers).await
+    }
+
+    /// One request with `method`; returns status, headers and body.
+    pub async fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<(StatusCode, HeaderMap, Bytes), Box<dyn std::error::Error + Send + Sync>> {
+        self.sender.ready().await?;
+        let mut req = Request::builder().method(method).uri(path).header("host", &self.host);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = self.sender.send_request(req.body(Full::new(Bytes::new()))?).await?;
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await?.to_bytes();
+        Ok((parts.status, parts.headers, body))
+    }
+}
+
+/// Sends `total` GETs of `path` over `connections` keep-alive connections in
+/// parallel; returns every (status, body), panicking on connection errors.
+pub async fn load(
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    connections: usize,
+    total: usize,
+) -> Vec<(StatusCode, Bytes)> {
+    let mut tasks = Vec::new();
+    for c in 0..connections {
+        let share = total / connections + usize::from(c < total % connections);
+        let host = host.to_string();
+        let path = path.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut client = Client::connect(addr, &host).await;
+            let mut out = Vec::with_capacity(share);
+            for _ in 0..share {
+                out.push(client.get(&path, &[]).await);
+            }
+            out
+        }));
+    }
+    let mut all = Vec::with_capacity(total);
+    for t in tasks {
+        all.extend(t.await.expect("load task"));
+    }
+    all
+}
+
+/// One request a [`RecordingUpstream`] received.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    /// Path and query.
+    pub path: String,
+    /// The `Host` header.
+    pub host: String,
+    pub headers: HeaderMap,
+}
+
+/// A plain HTTP/1.1 upstream that records every request and every accepted
+/// connection, and answers `200` with `{"service","version","pod"}` like the demo
+/// app (`pod` = its name).
+pub struct RecordingUpstream {
+    addr: SocketAddr,
+    seen: Arc<std::sync::Mutex<Vec<Seen>>>,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RecordingUpstream {
+    /// Starts one on an ephemeral loopback port.
+    pub async fn start(name: &str) -> RecordingUpstream {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind recording upstream");
+        let addr = listener.local_addr().expect("local addr");
+        let seen: Arc<std::sync::Mutex<Vec<Seen>>> = Arc::default();
+        let connections: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
+        let body = Bytes::from(format!(r#"{{"service":"{name}","version":"{name}","pod":"{name}"}}"#));
+        let (seen2, conns2) = (seen.clone(), connections.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                conns2.fetch_add(1, Ordering::SeqCst);
+                let seen = seen2.clone();
+                let body = body.clone();
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let seen = seen.clone();
+                    let body = body.clone();
+                    async move {
+                        let (parts, incoming) = req.into_parts();
+                        let _ = incoming.collect().await;
+                        let host = parts.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+                        seen.lock().expect("lock").push(Seen {
+                            method: parts.method.to_string(),
+                            path: parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string(),
+                            host: host.to_string(),
+                            headers: parts.headers.clone(),
+                        });
+                        let resp = http::Response::builder()
+                            .header("content-type", "application/json")
+                            .body(Full::new(body))
+                            .expect("response");
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                });
+                tokio::spawn(async move {
+                    let _ =
+                        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                });
+            }
+        });
+        RecordingUpstream { addr, seen, connections, task }
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Every request so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().expect("lock").clone()
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits until it has seen at least `n` requests (bounded: 10 s).
+    pub async fn wait_seen(&self, n: usize) -> Vec<Seen> {
+        for _ in 0..200 {
+            let seen = self.seen();
+            if seen.len() >= n {
+                return seen;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("recording upstream saw {} requests, expected {n}", self.seen().len());
+    }
+}
+
+impl Drop for RecordingUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// An HTTP/2 client connection with prior knowledge (h2c) to `addr`.
+pub async fn h2c_connect(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .handshake(TokioIo::new(stream))
+        .await
+        .expect("h2c handshake");
+    tokio::spawn(conn);
+    sender
+}
+
+/// An empty request body.
+pub fn empty_body() -> Full<Bytes> {
+    Full::new(Bytes::new())
 }

@@ -85,7 +85,10 @@ pub async fn handle(
     let mut rec = Recorder::new(shared.clone(), info, started);
     let body = CountingBody::new(incoming, rec.received.clone());
 
-    let snapshot = shared.snapshot.load_full();
+    let snapshot = match conn.reporter {
+        Reporter::Source => shared.snapshot.load_full(),
+        Reporter::Destination => shared.inbound.load_full(),
+    };
     let Some(vh) = snapshot.find_virtual_host(&host) else {
         return Ok(local_reply(rec, StatusCode::NOT_FOUND, ResponseFlags::NO_ROUTE, "route not found"));
     };
