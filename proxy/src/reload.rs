@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::config::{self, ConfigErrors};
+use crate::snapshot::{Snapshot, TlsMode};
 use crate::state::Shared;
 
 /// Quiet period after a file event before reloading.
@@ -44,7 +45,13 @@ pub enum ReloadOutcome {
 /// on failure records the rejection and returns the errors.
 pub fn reload_now(path: &Path, shared: &Shared) -> Result<ReloadOutcome, ConfigErrors> {
     let source = source_label(path);
-    let result = config::load_path(path).and_then(|set| config::compile(&set, &shared.registry, &source));
+    let result = config::load_path(path).and_then(|set| {
+        let snapshot = config::compile(&set, &shared.registry, &source)?;
+        if shared.snapshot.load().version != snapshot.version {
+            log_not_applied(&set, &snapshot);
+        }
+        Ok(snapshot)
+    });
     match result {
         Ok(snapshot) => {
             if shared.snapshot.load().version == snapshot.version {
@@ -58,6 +65,33 @@ pub fn reload_now(path: &Path, shared: &Shared) -> Result<ReloadOutcome, ConfigE
             shared.reject(&source, errors.to_string());
             Err(errors)
         }
+    }
+}
+
+/// Logs what a config asks for that serin reads but does not enforce yet, so it
+/// is never silently ignored: kinds accepted without effect, and DestinationRule
+/// TLS modes (mutual TLS between sidecars comes with the identity work).
+fn log_not_applied(set: &config::ConfigSet, snapshot: &Snapshot) {
+    for warning in &set.warnings {
+        tracing::warn!("{warning}");
+    }
+    let gateways = set.resources.iter().filter(|r| matches!(r.resource, config::model::Resource::Gateway(_))).count();
+    if gateways > 0 {
+        tracing::warn!(
+            gateways,
+            "Gateway resources are checked but not served by a sidecar (nor VirtualServices bound only to gateways)"
+        );
+    }
+    let mut hosts: Vec<&str> = snapshot
+        .clusters
+        .values()
+        .filter(|c| c.policy.tls.as_ref().is_some_and(|mode| *mode != TlsMode::Disable))
+        .map(|c| c.service.host.as_str())
+        .collect();
+    hosts.sort_unstable();
+    hosts.dedup();
+    for host in hosts {
+        tracing::warn!(%host, "DestinationRule trafficPolicy.tls.mode is read but not applied yet: traffic to this host is plaintext");
     }
 }
 

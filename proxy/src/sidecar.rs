@@ -7,15 +7,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
-
 use crate::access_log::AccessLog;
 use crate::forward::listener;
 use crate::request_info::Reporter;
 use crate::snapshot::Snapshot;
 use crate::state::{LocalWorkload, Shared};
 use crate::upstream::split::SplitMode;
-use crate::{admin, config, inbound, reload};
+use crate::{admin, inbound, reload};
 
 /// Options of `serin sidecar`.
 #[derive(Debug, Clone, clap::Args)]
@@ -76,20 +74,6 @@ pub struct Bound {
     pub health: SocketAddr,
 }
 
-/// Loads and compiles the config at `path`.
-pub fn load_snapshot(
-    path: &std::path::Path,
-    shared_registry: &crate::snapshot::EndpointRegistry,
-) -> anyhow::Result<Snapshot> {
-    let source = format!("file:{}", path.display());
-    let set = config::load_path(path)
-        .map_err(|e| anyhow::anyhow!("{e}"))
-        .with_context(|| format!("loading {}", path.display()))?;
-    config::compile(&set, shared_registry, &source)
-        .map_err(|e| anyhow::anyhow!("{e}"))
-        .with_context(|| format!("compiling {}", path.display()))
-}
-
 /// Binds every listener and starts serving; returns the shared state and the
 /// bound addresses. The sidecar runs until `shared.drain` is triggered.
 pub async fn start(args: &SidecarArgs) -> anyhow::Result<(Arc<Shared>, Bound, tokio::task::JoinHandle<()>)> {
@@ -103,8 +87,7 @@ pub async fn start(args: &SidecarArgs) -> anyhow::Result<(Arc<Shared>, Bound, to
     let access_log = AccessLog::new(!args.no_access_log).with_local(&local);
     let shared = Shared::with_split(Snapshot::empty("none"), local, access_log, args.split);
     if let Some(path) = &args.config {
-        let snapshot = load_snapshot(path, &shared.registry)?;
-        shared.apply(snapshot);
+        reload::reload_now(path, &shared).map_err(|e| anyhow::anyhow!("invalid config {}:\n{e}", path.display()))?;
         reload::spawn_watch(path.clone(), shared.clone());
     }
     let outbound = listener::bind(args.outbound, "--outbound").await?;

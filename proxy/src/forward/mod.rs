@@ -136,11 +136,7 @@ pub async fn handle(
     headers::apply_edits(&mut parts.headers, &dest.headers.request);
     let (path, authority) = rewrite(route, &parts.uri, &authority);
 
-    let protocol = if parts.version == Version::HTTP_2 || cluster_speaks_h2(&cluster) {
-        UpstreamProtocol::Http2
-    } else {
-        UpstreamProtocol::Http1
-    };
+    let protocol = upstream_protocol(&cluster, parts.version, rec.info.is_grpc, upgrade);
     let replayable = incoming_is_small(&parts.headers, &body);
     let request_body = if body.is_end_stream() {
         RequestBody::Buffered(Bytes::new())
@@ -167,14 +163,12 @@ pub async fn handle(
         mirror::maybe_send(mirror, &head, bytes.clone());
     }
 
-    let outcome = match route.timeout {
-        Some(limit) => {
-            match tokio::time::timeout(limit, call::call(&cluster, route, &head, request_body, hash, &mut rec)).await {
-                Ok(result) => result,
-                Err(_) => Err(CallError::Timeout),
-            }
-        }
-        None => call::call(&cluster, route, &head, request_body, hash, &mut rec).await,
+    // The route timeout runs from the request's arrival to the response's end.
+    let deadline = route.timeout.map(|t| tokio::time::Instant::from_std(started) + t);
+    let call = call::call(&cluster, route, &head, request_body, hash, &mut rec);
+    let outcome = match deadline {
+        Some(at) => tokio::time::timeout_at(at, call).await.unwrap_or(Err(CallError::Timeout)),
+        None => call.await,
     };
     let mut resp = match outcome {
         Ok(resp) => resp,
@@ -199,7 +193,7 @@ pub async fn handle(
     }
     headers::apply_edits(resp.headers_mut(), &route.headers.response);
     headers::apply_edits(resp.headers_mut(), &dest.headers.response);
-    Ok(resp.map(|b| body::boxed(ObservedBody::new(body::boxed(b), rec))))
+    Ok(resp.map(|b| body::boxed(ObservedBody::new(body::boxed(b), rec).with_deadline(deadline))))
 }
 
 /// Host and port as the request addressed them: `:authority` (HTTP/2 or an
@@ -249,11 +243,27 @@ fn incoming_is_small<B: http_body::Body>(headers: &HeaderMap, body: &B) -> bool 
     declared.or(body.size_hint().exact()).is_some_and(|len| len <= MAX_REPLAY_BODY)
 }
 
-/// Whether the cluster's service port is declared HTTP/2 or gRPC.
-fn cluster_speaks_h2(cluster: &crate::snapshot::Cluster) -> bool {
-    cluster.service.ports.iter().any(|(port, proto)| {
-        *port == cluster.port && matches!(proto.to_ascii_uppercase().as_str(), "HTTP2" | "GRPC" | "GRPC-WEB")
-    })
+/// The upstream HTTP version. The service port's declared protocol decides, as in
+/// Istio: `HTTP2` / `GRPC` / `GRPC-WEB` → h2c, `HTTP` → HTTP/1.1 whatever the client
+/// speaks (an HTTP/1.1-only app behind an `HTTP` port must work for h2c clients).
+/// gRPC from an HTTP/2 client stays HTTP/2 (it cannot work over HTTP/1.1); a port
+/// with another or no protocol keeps the client's version; an HTTP/1.1 upgrade
+/// (WebSocket) always goes upstream as HTTP/1.1.
+fn upstream_protocol(
+    cluster: &crate::snapshot::Cluster,
+    downstream: Version,
+    grpc: bool,
+    upgrade: bool,
+) -> UpstreamProtocol {
+    let declared =
+        cluster.service.ports.iter().find(|(port, _)| *port == cluster.port).map(|(_, p)| p.to_ascii_uppercase());
+    let h2 = !upgrade
+        && match declared.as_deref() {
+            Some("HTTP2" | "GRPC" | "GRPC-WEB") => true,
+            Some("HTTP") => downstream == Version::HTTP_2 && grpc,
+            _ => downstream == Version::HTTP_2,
+        };
+    if h2 { UpstreamProtocol::Http2 } else { UpstreamProtocol::Http1 }
 }
 
 /// Applies `fault`: sleeps for an injected delay; returns the abort to answer

@@ -2,6 +2,7 @@
 //! response body, or when the client goes away first (flag DC). The recorder
 //! travels inside the response body, so cancelled requests are counted too.
 
+use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -88,6 +89,8 @@ impl Drop for Recorder {
 pub struct ObservedBody {
     inner: ProxyBody,
     recorder: Option<Recorder>,
+    /// The route timeout's deadline: past it, the body ends with an error (UT).
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl std::fmt::Debug for ObservedBody {
@@ -99,11 +102,20 @@ impl std::fmt::Debug for ObservedBody {
 impl ObservedBody {
     /// Wraps `inner`; the recorder finishes when the body ends.
     pub fn new(inner: ProxyBody, recorder: Recorder) -> ObservedBody {
-        let mut body = ObservedBody { inner, recorder: Some(recorder) };
+        let mut body = ObservedBody { inner, recorder: Some(recorder), deadline: None };
         if body.inner.is_end_stream() {
             body.end(None);
         }
         body
+    }
+
+    /// Ends the body with an error if it is still streaming at `deadline`
+    /// (Envoy's route timeout covers the whole response).
+    pub fn with_deadline(mut self, deadline: Option<tokio::time::Instant>) -> ObservedBody {
+        if self.recorder.is_some() {
+            self.deadline = deadline.map(|d| Box::pin(tokio::time::sleep_until(d)));
+        }
+        self
     }
 
     fn end(&mut self, flag: Option<ResponseFlags>) {
@@ -121,6 +133,15 @@ impl Body for ObservedBody {
     type Error = BoxError;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(deadline) = self.deadline.as_mut()
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            self.deadline = None;
+            if self.recorder.is_some() {
+                self.end(Some(ResponseFlags::UPSTREAM_TIMEOUT));
+                return Poll::Ready(Some(Err("upstream request timeout".into())));
+            }
+        }
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {

@@ -114,30 +114,40 @@ impl Pool {
 
     async fn checkout_h1(&self, limits: &ConnectionPool) -> Result<Conn, PoolError> {
         let inner = &self.inner;
+        // Every count taken below is given back by a guard, also when the caller
+        // drops this future (a route or per-try timeout) in the middle of an await.
         loop {
-            if let Some(mut conn) = self.take_idle(limits) {
-                if conn.sender.ready().await.is_ok() {
-                    return Ok(self.h1_conn(conn.sender, conn.used, limits));
+            if let Some(idle) = self.take_idle(limits) {
+                let mut ret = ReturnTo {
+                    pool: self.clone(),
+                    sender: Some(idle.sender),
+                    used: idle.used,
+                    max_requests: limits.max_requests_per_connection,
+                };
+                let ready = match ret.sender.as_mut() {
+                    Some(sender) => sender.ready().await.is_ok(),
+                    None => false,
+                };
+                if ready {
+                    return Ok(Conn { addr: inner.addr, kind: ConnKind::H1(Some(ret)) });
                 }
-                self.close_one();
+                // Dropping `ret` closes the dead connection and frees its slot.
                 continue;
             }
             if inner.open.fetch_add(1, Ordering::AcqRel) < limits.max_connections {
-                return match self.connect_h1(limits).await {
-                    Ok(sender) => Ok(self.h1_conn(sender, 0, limits)),
-                    Err(e) => {
-                        self.close_one();
-                        Err(e)
-                    }
-                };
+                let slot = Held { count: &inner.open, released: Some(&inner.released) };
+                let sender = self.connect_h1(limits).await?;
+                slot.keep();
+                return Ok(self.h1_conn(sender, 0, limits));
             }
             inner.open.fetch_sub(1, Ordering::AcqRel);
             if inner.pending.fetch_add(1, Ordering::AcqRel) >= limits.max_pending_requests {
                 inner.pending.fetch_sub(1, Ordering::AcqRel);
                 return Err(PoolError::Overflow { addr: inner.addr });
             }
+            let pending = Held { count: &inner.pending, released: None };
             let waited = tokio::time::timeout(limits.connect_timeout, inner.released.notified()).await;
-            inner.pending.fetch_sub(1, Ordering::AcqRel);
+            drop(pending);
             if waited.is_err() {
                 return Err(PoolError::Overflow { addr: inner.addr });
             }
@@ -149,7 +159,7 @@ impl Pool {
             addr: self.inner.addr,
             kind: ConnKind::H1(Some(ReturnTo {
                 pool: self.clone(),
-                sender,
+                sender: Some(sender),
                 used,
                 max_requests: limits.max_requests_per_connection,
             })),
@@ -296,25 +306,25 @@ impl Conn {
                 }
             },
             ConnKind::H1(slot) => {
+                // `ret` frees the connection's slot when dropped: on an error, an
+                // upgrade, or when this future is dropped (a timeout) mid-request.
                 let Some(mut ret) = slot.take() else {
                     return Err(PoolError::Overflow { addr });
                 };
+                let Some(sender) = ret.sender.as_mut() else {
+                    return Err(PoolError::Overflow { addr });
+                };
                 let wants_upgrade = req.headers().contains_key(http::header::UPGRADE);
-                match ret.sender.send_request(req).await {
+                match sender.send_request(req).await {
                     Ok(resp) => {
                         ret.used += 1;
                         let upgraded = wants_upgrade || resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
-                        let ret = if upgraded {
-                            // The connection now belongs to the upgraded stream.
-                            ret.pool.close_one();
-                            None
-                        } else {
-                            Some(ret)
-                        };
+                        // The connection of an upgrade now belongs to the upgraded stream.
+                        let ret = if upgraded { None } else { Some(ret) };
                         Ok(resp.map(|body| PooledBody { inner: body, ret }))
                     }
                     Err(e) => {
-                        ret.pool.close_one();
+                        drop(ret);
                         let refused = e.is_canceled();
                         Err(PoolError::Send { addr, source: e, refused })
                     }
@@ -330,17 +340,61 @@ impl Drop for Conn {
         if let ConnKind::H1(slot) = &mut self.kind
             && let Some(r) = slot.take()
         {
-            r.pool.give_back(r.sender, r.used, r.max_requests);
+            r.give_back();
         }
     }
 }
 
+/// A checked-out HTTP/1.1 connection. Given back with [`ReturnTo::give_back`];
+/// dropped otherwise (error, upgrade, cancelled request, body not read to the
+/// end), the connection is closed and its slot in the pool freed.
 #[derive(Debug)]
 struct ReturnTo {
     pool: Pool,
-    sender: http1::SendRequest<ProxyBody>,
+    /// `None` once given back or closed.
+    sender: Option<http1::SendRequest<ProxyBody>>,
     used: u32,
     max_requests: u32,
+}
+
+impl ReturnTo {
+    fn give_back(mut self) {
+        if let Some(sender) = self.sender.take() {
+            self.pool.give_back(sender, self.used, self.max_requests);
+        }
+    }
+}
+
+impl Drop for ReturnTo {
+    fn drop(&mut self) {
+        if let Some(sender) = self.sender.take() {
+            drop(sender);
+            self.pool.close_one();
+        }
+    }
+}
+
+/// A count taken in the pool (`open` or `pending`), given back when dropped
+/// unless [`kept`](Held::keep).
+struct Held<'a> {
+    count: &'a AtomicU32,
+    /// Woken when the count goes down (a freed connection slot).
+    released: Option<&'a Notify>,
+}
+
+impl Held<'_> {
+    fn keep(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
+        if let Some(released) = self.released {
+            released.notify_one();
+        }
+    }
 }
 
 /// A response body that gives its HTTP/1.1 connection back to the pool once read to
@@ -354,16 +408,7 @@ pub struct PooledBody {
 impl PooledBody {
     fn finish(&mut self) {
         if let Some(r) = self.ret.take() {
-            r.pool.give_back(r.sender, r.used, r.max_requests);
-        }
-    }
-}
-
-impl Drop for PooledBody {
-    fn drop(&mut self) {
-        if let Some(r) = self.ret.take() {
-            drop(r.sender);
-            r.pool.close_one();
+            r.give_back();
         }
     }
 }
@@ -377,12 +422,8 @@ impl Body for PooledBody {
         match &polled {
             Poll::Ready(None) => self.finish(),
             Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.finish(),
-            Poll::Ready(Some(Err(_))) => {
-                if let Some(r) = self.ret.take() {
-                    drop(r.sender);
-                    r.pool.close_one();
-                }
-            }
+            // Dropping the connection closes it and frees its slot.
+            Poll::Ready(Some(Err(_))) => drop(self.ret.take()),
             _ => {}
         }
         polled
@@ -394,5 +435,50 @@ impl Body for PooledBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A try cut short by a timeout (its future dropped mid-request) must free
+    /// its connection slot, or `maxConnections` slots leak one per timeout.
+    #[tokio::test]
+    async fn a_cancelled_request_frees_its_connection_slot() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        // Accepts connections, reads nothing, never answers.
+        let silent = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+        let limits = ConnectionPool {
+            max_connections: 1,
+            max_pending_requests: 1,
+            connect_timeout: Duration::from_millis(200),
+            ..ConnectionPool::default()
+        };
+        let pool = Pool::new(addr);
+        for _ in 0..3 {
+            let conn = pool.checkout(UpstreamProtocol::Http1, &limits).await.expect("a free slot");
+            let req = Request::builder().uri("/").body(crate::body::empty()).expect("request");
+            let sent = tokio::time::timeout(Duration::from_millis(20), conn.send(req)).await;
+            assert!(sent.is_err(), "the silent upstream never answers");
+            assert_eq!(pool.connection_counts().0, 0, "the cancelled request's connection is closed");
+        }
+        // A checkout cancelled while it waits for a slot gives its pending place back.
+        let conn = pool.checkout(UpstreamProtocol::Http1, &limits).await.expect("a free slot");
+        for _ in 0..3 {
+            let waiting =
+                tokio::time::timeout(Duration::from_millis(20), pool.checkout(UpstreamProtocol::Http1, &limits));
+            assert!(waiting.await.is_err(), "waits for the only slot");
+        }
+        assert_eq!(pool.inner.pending.load(Ordering::Relaxed), 0);
+        drop(conn);
+        silent.abort();
     }
 }
