@@ -217,6 +217,7 @@ mod tests {
             request_id: "req-1".into(),
             user_agent: Some("curl/8".into()),
             downstream_remote: "127.0.0.1:40000".parse().expect("addr"),
+            peer: None,
         }
     }
 

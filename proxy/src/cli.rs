@@ -22,7 +22,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a sidecar proxy beside a workload (outbound, admin, metrics, health).
-    Sidecar(SidecarArgs),
+    Sidecar(Box<SidecarArgs>),
     /// Check Istio YAML files as `istioctl validate` does; exit 1 on any error.
     Validate {
         /// Files or folders of Istio resources.
@@ -32,7 +32,12 @@ pub enum Command {
     /// Run a demo upstream service that answers with its service, version and pod.
     Upstream(UpstreamArgs),
     /// Run a local canary of `payment` v1/v2 with a sidecar and load, showing the live split.
-    Demo(DemoArgs),
+    Demo(Box<DemoArgs>),
+    /// Manage the mesh CA: create a root CA, issue workload certificates.
+    Ca {
+        #[command(subcommand)]
+        cmd: crate::ca_cmd::CaCommand,
+    },
 }
 
 /// Entry point of the binary.
@@ -46,6 +51,15 @@ pub fn main() -> ExitCode {
     if let Command::Validate { paths } = &cli.command {
         return crate::config::validate_command(paths);
     }
+    if let Command::Ca { cmd } = &cli.command {
+        return match crate::ca_cmd::run(cmd.clone()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("serin: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -55,10 +69,10 @@ pub fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Sidecar(args) => crate::sidecar::run(args).await,
+            Command::Sidecar(args) => crate::sidecar::run(*args).await,
             Command::Upstream(args) => crate::demo_app::run_upstream(args).await,
-            Command::Demo(args) => crate::demo::run(args).await,
-            Command::Validate { .. } => Ok(()),
+            Command::Demo(args) => crate::demo::run(*args).await,
+            Command::Validate { .. } | Command::Ca { .. } => Ok(()),
         }
     });
     match result {

@@ -199,6 +199,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         app_label: "frontend".into(),
         app_version: "v1".into(),
         no_access_log: true,
+        cert_dir: None,
         split: SplitMode::Exact,
         drain_timeout: Duration::from_secs(2),
     };

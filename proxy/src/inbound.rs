@@ -1,6 +1,12 @@
 //! The inbound side of a sidecar: traffic addressed to the pod, forwarded to the
 //! local app (`--app`) and recorded with `reporter="destination"`. The same
 //! request path serves it, over a one-route snapshot built here.
+//!
+//! Each connection is sniffed: a TLS ClientHello is terminated with the
+//! workload certificate and the caller's client certificate is verified against
+//! the mesh roots; anything else is plaintext. PeerAuthentication decides what is
+//! accepted: STRICT refuses plaintext, DISABLE refuses TLS, PERMISSIVE (the
+//! default) takes both on the same port.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -8,11 +14,18 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, SystemTime};
 
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::forward::{ConnInfo, RouteSource, listener};
+use crate::request_info::{PeerTls, Reporter};
+use crate::security::MtlsMode;
 use crate::snapshot::{
     Cluster, Endpoint, EndpointRegistry, HeaderOps, HostPattern, RetryOn, RetryPolicy, Route, RouteAction,
     RouteDestination, ServiceInfo, Snapshot, TrafficPolicy, VirtualHost, WeightedDestinations,
 };
 use crate::state::LocalWorkload;
+use crate::state::Shared;
 
 /// The inbound snapshot: any host, any path → the app at `app`. Istio's inbound
 /// default retry (`reset-before-request`) becomes one retry on connect failure.
@@ -78,5 +91,111 @@ pub fn snapshot(app: SocketAddr, inbound_port: u16, local: &LocalWorkload, regis
         }],
         clusters: HashMap::from([(name, cluster)]),
         services: HashMap::new(),
+        security: crate::security::SecurityPolicies::default(),
     }
+}
+
+/// The first byte of a TLS record carrying a handshake (the ClientHello).
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// How long a new connection may take to send its first byte or finish its TLS
+/// handshake before it is dropped.
+const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves the inbound listener until the drain starts. `app_port` is the port the
+/// workload listens on (PeerAuthentication's port-level settings refer to it).
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, app_port: u16, drain_deadline: Duration) {
+    let graceful = GracefulShutdown::new();
+    let builder = listener::http_builder();
+    let labels = Arc::new(local_labels(&shared.local));
+    let accept_shared = shared.clone();
+    listener::accept_loop(listener, &accept_shared, |stream, remote| {
+        let (shared, builder, labels, watcher) = (shared.clone(), builder.clone(), labels.clone(), graceful.watcher());
+        tokio::spawn(async move {
+            let local = stream.local_addr().unwrap_or(remote);
+            let mut info = ConnInfo::new(remote, local, Reporter::Destination, RouteSource::Inbound);
+            match accept(stream, &shared, &labels, app_port).await {
+                Some(Accepted::Plain(stream)) => listener::serve_http_watched(&builder, watcher, stream, shared, info),
+                Some(Accepted::Tls(stream, peer)) => {
+                    info.peer = Some(peer);
+                    listener::serve_http_watched(&builder, watcher, *stream, shared, info);
+                }
+                None => {}
+            }
+        });
+    })
+    .await;
+    listener::drain_connections(graceful, drain_deadline).await;
+}
+
+/// The local workload's labels, as PeerAuthentication and AuthorizationPolicy selectors see them.
+pub fn local_labels(local: &LocalWorkload) -> Vec<(String, String)> {
+    vec![("app".into(), local.app.clone()), ("version".into(), local.version.clone())]
+}
+
+enum Accepted {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>, Arc<PeerTls>),
+}
+
+/// Sniffs the connection and applies the peer-authentication mode; `None` when
+/// the connection is refused (and counted) or fails its handshake.
+async fn accept(stream: TcpStream, shared: &Shared, labels: &[(String, String)], app_port: u16) -> Option<Accepted> {
+    let remote = stream.peer_addr().ok();
+    let mut first = [0u8; 1];
+    let is_tls = match tokio::time::timeout(FIRST_BYTES_TIMEOUT, stream.peek(&mut first)).await {
+        Ok(Ok(1)) => first[0] == TLS_HANDSHAKE,
+        _ => return None,
+    };
+    let mode = shared.snapshot.load().security.peer_mode(&shared.local.namespace, labels, app_port);
+    match (is_tls, mode) {
+        (false, MtlsMode::Strict) => {
+            shared.metrics.inbound_refused("plaintext_strict");
+            tracing::info!(?remote, "plaintext connection refused: PeerAuthentication is STRICT");
+            return None;
+        }
+        (true, MtlsMode::Disable) => {
+            shared.metrics.inbound_refused("tls_disabled");
+            tracing::info!(?remote, "TLS connection refused: PeerAuthentication is DISABLE");
+            return None;
+        }
+        (false, _) => return Some(Accepted::Plain(stream)),
+        (true, _) => {}
+    }
+    let Some(bundle) = shared.mesh.bundle() else {
+        shared.metrics.inbound_refused("no_identity");
+        tracing::warn!(?remote, "TLS connection refused: this sidecar has no workload certificate (--cert-dir)");
+        return None;
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(bundle.server_config().clone());
+    let tls = match tokio::time::timeout(FIRST_BYTES_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            shared.metrics.inbound_refused("tls_handshake");
+            tracing::info!(?remote, error = %e, "inbound mutual TLS handshake failed");
+            return None;
+        }
+        Err(_) => {
+            shared.metrics.inbound_refused("tls_handshake");
+            return None;
+        }
+    };
+    let peer = peer_tls(tls.get_ref().1.peer_certificates().unwrap_or_default(), &bundle)?;
+    Some(Accepted::Tls(Box::new(tls), Arc::new(peer)))
+}
+
+/// The verified peer's identity and the `x-forwarded-client-cert` value Envoy
+/// would send the app: `By=<our id>;Hash=<sha256 of the peer's leaf>;URI=<peer id>`.
+fn peer_tls(certs: &[rustls::pki_types::CertificateDer<'_>], bundle: &serin_certs::IdentityBundle) -> Option<PeerTls> {
+    let leaf = certs.first()?;
+    let id = serin_certs::peer_spiffe_id(certs)?;
+    let digest = ring::digest::digest(&ring::digest::SHA256, leaf.as_ref());
+    let hash: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    let xfcc = format!("By={};Hash={hash};Subject=\"\";URI={id}", bundle.identity().spiffe_id());
+    Some(PeerTls {
+        spiffe: id.to_string(),
+        principal: id.principal(),
+        namespace: id.namespace().to_string(),
+        xfcc: http::HeaderValue::from_str(&xfcc).ok()?,
+    })
 }

@@ -32,7 +32,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::flags::ResponseFlags;
-use crate::request_info::{Reporter, RequestInfo};
+use crate::request_info::{PeerTls, Reporter, RequestInfo};
 use crate::snapshot::{Cluster, Endpoint, ServiceInfo};
 use crate::state::LocalWorkload;
 
@@ -98,10 +98,12 @@ impl SecurityPolicy {
         }
     }
 
-    /// The policy reported by `reporter` until mTLS exists.
-    fn for_reporter(reporter: Reporter) -> SecurityPolicy {
+    /// The policy as Istio reports it: `unknown` at the source, and at the
+    /// destination `mutual_tls` or `none` by the connection.
+    fn for_reporter(reporter: Reporter, mutual_tls: bool) -> SecurityPolicy {
         match reporter {
             Reporter::Source => SecurityPolicy::Unknown,
+            Reporter::Destination if mutual_tls => SecurityPolicy::MutualTls,
             Reporter::Destination => SecurityPolicy::None,
         }
     }
@@ -551,17 +553,26 @@ impl LabelCache {
         local: &LocalWorkload,
         cluster: Option<&Arc<Cluster>>,
         endpoint: Option<&Arc<Endpoint>>,
+        peer: Option<&PeerTls>,
     ) -> (SourceLabels, DestinationLabels) {
         let service = self.service(cluster);
         match reporter {
             Reporter::Source => {
                 (SourceLabels(self.local(local)), DestinationLabels { workload: self.endpoint(endpoint), service })
             }
-            // The caller is unknown until peer metadata travels with requests.
-            Reporter::Destination => (
-                SourceLabels(self.unknown_workload.clone()),
-                DestinationLabels { workload: self.local(local), service },
-            ),
+            // The caller's workload labels are unknown until peer metadata travels
+            // with requests; a mutual-TLS peer gives its principal and namespace.
+            Reporter::Destination => {
+                let source = match peer {
+                    Some(p) => self.workloads.intern(WorkloadLabels {
+                        principal: p.spiffe.clone(),
+                        namespace: p.namespace.clone(),
+                        ..WorkloadLabels::unknown()
+                    }),
+                    None => self.unknown_workload.clone(),
+                };
+                (SourceLabels(source), DestinationLabels { workload: self.local(local), service })
+            }
         }
     }
 }
@@ -584,6 +595,8 @@ pub struct Metrics {
     tcp_received: Family<TcpLabels, Counter>,
     tcp_opened: Family<TcpLabels, Counter>,
     tcp_closed: Family<TcpLabels, Counter>,
+    /// Inbound connections refused before any request, by reason.
+    inbound_refused: Family<Vec<(&'static str, &'static str)>, Counter>,
     request_handles: RwLock<HashMap<RequestLabels, RequestHandles>>,
     tcp_handles: RwLock<HashMap<TcpLabels, TcpHandles>>,
     labels: LabelCache,
@@ -608,6 +621,7 @@ impl Metrics {
             tcp_received: Family::default(),
             tcp_opened: Family::default(),
             tcp_closed: Family::default(),
+            inbound_refused: Family::default(),
             request_handles: RwLock::new(HashMap::new()),
             tcp_handles: RwLock::new(HashMap::new()),
             labels: LabelCache::new(),
@@ -638,13 +652,23 @@ impl Metrics {
         );
         metrics.registry.register("istio_tcp_connections_opened", "TCP connections opened", metrics.tcp_opened.clone());
         metrics.registry.register("istio_tcp_connections_closed", "TCP connections closed", metrics.tcp_closed.clone());
+        metrics.registry.register(
+            "serin_inbound_connections_refused",
+            "Inbound connections refused before any request (PeerAuthentication, TLS handshake)",
+            metrics.inbound_refused.clone(),
+        );
         metrics
     }
 
     /// Records one finished HTTP request or gRPC call.
     pub fn record_request(&self, local: &LocalWorkload, info: &RequestInfo) {
-        let (source, destination) =
-            self.labels.peers(info.reporter, local, info.cluster.as_ref(), info.upstream.as_ref());
+        let (source, destination) = self.labels.peers(
+            info.reporter,
+            local,
+            info.cluster.as_ref(),
+            info.upstream.as_ref(),
+            info.peer.as_deref(),
+        );
         let labels = RequestLabels {
             reporter: ReporterLabel(info.reporter),
             source,
@@ -653,7 +677,7 @@ impl Metrics {
             response_code: info.status,
             grpc_response_status: if info.is_grpc { info.grpc_status } else { None },
             response_flags: FlagsLabel(info.flags),
-            connection_security_policy: SecurityPolicy::for_reporter(info.reporter),
+            connection_security_policy: SecurityPolicy::for_reporter(info.reporter, info.peer.is_some()),
         };
         let record = |h: &RequestHandles| {
             h.requests.inc();
@@ -679,14 +703,14 @@ impl Metrics {
 
     fn tcp(&self, local: &LocalWorkload, info: &TcpInfo) -> TcpHandles {
         let (source, destination) =
-            self.labels.peers(info.reporter, local, info.cluster.as_ref(), info.endpoint.as_ref());
+            self.labels.peers(info.reporter, local, info.cluster.as_ref(), info.endpoint.as_ref(), None);
         let labels = TcpLabels {
             reporter: ReporterLabel(info.reporter),
             source,
             destination,
             request_protocol: Protocol::Tcp,
             response_flags: FlagsLabel(info.flags),
-            connection_security_policy: SecurityPolicy::for_reporter(info.reporter),
+            connection_security_policy: SecurityPolicy::for_reporter(info.reporter, false),
         };
         {
             let cache = self.tcp_handles.read().unwrap_or_else(|e| e.into_inner());
@@ -739,6 +763,12 @@ impl Metrics {
         handles.opened.inc();
         Self::add_tcp_bytes(&handles, info);
         TcpConnectionMetrics { handles }
+    }
+
+    /// Counts an inbound connection refused for `reason` (`plaintext_strict`,
+    /// `tls_disabled`, `tls_handshake`, `no_identity`).
+    pub fn inbound_refused(&self, reason: &'static str) {
+        self.inbound_refused.get_or_create(&vec![("reason", reason)]).inc();
     }
 
     /// Prometheus text exposition (format 0.0.4, see [`CONTENT_TYPE`]) of every metric.
@@ -857,6 +887,7 @@ mod tests {
             request_id: "abc".into(),
             user_agent: None,
             downstream_remote: "127.0.0.1:5000".parse().expect("addr"),
+            peer: None,
         }
     }
 

@@ -109,19 +109,25 @@ async fn watch_loop(path: PathBuf, shared: Arc<Shared>) {
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     poll.tick().await;
     let mut events_open = true;
+    // The first pass reloads at once: an edit made after the initial load but
+    // before the watcher started gives no event, and `last` already includes it,
+    // so it would otherwise go unnoticed until the next edit.
+    let mut first = true;
     loop {
-        tokio::select! {
-            event = rx.recv(), if events_open => {
-                if event.is_none() {
-                    events_open = false;
-                    continue;
+        if !std::mem::take(&mut first) {
+            tokio::select! {
+                event = rx.recv(), if events_open => {
+                    if event.is_none() {
+                        events_open = false;
+                        continue;
+                    }
+                    tokio::time::sleep(DEBOUNCE).await;
+                    while rx.try_recv().is_ok() {}
                 }
-                tokio::time::sleep(DEBOUNCE).await;
-                while rx.try_recv().is_ok() {}
-            }
-            _ = poll.tick() => {
-                if fingerprint(&path) == last {
-                    continue;
+                _ = poll.tick() => {
+                    if fingerprint(&path) == last {
+                        continue;
+                    }
                 }
             }
         }

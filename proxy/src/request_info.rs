@@ -26,6 +26,19 @@ impl Reporter {
     }
 }
 
+/// The verified peer of a mutual-TLS connection.
+#[derive(Debug, Clone)]
+pub struct PeerTls {
+    /// The peer's SPIFFE ID (`spiffe://cluster.local/ns/default/sa/frontend`).
+    pub spiffe: String,
+    /// Istio's principal form, without the scheme (`cluster.local/ns/default/sa/frontend`).
+    pub principal: String,
+    /// The peer's namespace, from its SPIFFE ID.
+    pub namespace: String,
+    /// `x-forwarded-client-cert` for the app, in Envoy's format.
+    pub xfcc: http::HeaderValue,
+}
+
 /// One finished HTTP request or gRPC call.
 #[derive(Debug, Clone)]
 pub struct RequestInfo {
@@ -64,4 +77,6 @@ pub struct RequestInfo {
     pub request_id: String,
     pub user_agent: Option<String>,
     pub downstream_remote: SocketAddr,
+    /// The downstream peer, when the connection is mutual TLS.
+    pub peer: Option<Arc<PeerTls>>,
 }

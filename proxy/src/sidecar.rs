@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::access_log::AccessLog;
-use crate::forward::listener;
+use crate::forward::{RouteSource, listener};
 use crate::request_info::Reporter;
 use crate::snapshot::Snapshot;
 use crate::state::{LocalWorkload, Shared};
@@ -52,6 +52,11 @@ pub struct SidecarArgs {
     /// This workload's `version` label.
     #[arg(long = "app-version", env = "SERIN_VERSION", default_value = "unknown")]
     pub app_version: String,
+    /// Folder with this workload's identity (`key.pem`, `cert-chain.pem`,
+    /// `root-cert.pem`, as `serin ca issue` writes them); reloaded when it changes.
+    /// Without it, the sidecar speaks plaintext only.
+    #[arg(long, env = "SERIN_CERT_DIR")]
+    pub cert_dir: Option<PathBuf>,
     /// Turn the JSON access log on stdout off.
     #[arg(long)]
     pub no_access_log: bool,
@@ -77,15 +82,29 @@ pub struct Bound {
 /// Binds every listener and starts serving; returns the shared state and the
 /// bound addresses. The sidecar runs until `shared.drain` is triggered.
 pub async fn start(args: &SidecarArgs) -> anyhow::Result<(Arc<Shared>, Bound, tokio::task::JoinHandle<()>)> {
-    let local = LocalWorkload {
+    let mut local = LocalWorkload {
         workload: args.workload.clone(),
         namespace: args.namespace.clone(),
         app: args.app_label.clone(),
         version: args.app_version.clone(),
         principal: "unknown".into(),
     };
+    let identity = match &args.cert_dir {
+        Some(dir) => {
+            let (watcher, _task) = serin_certs::IdentityWatcher::spawn(dir)
+                .map_err(|e| anyhow::anyhow!("workload identity in {}: {e}", dir.display()))?;
+            let id = serin_certs::CertSource::current(&watcher).identity().spiffe_id().to_string();
+            tracing::info!(identity = %id, dir = %dir.display(), "workload identity loaded");
+            local.principal = id;
+            Some(watcher)
+        }
+        None => None,
+    };
     let access_log = AccessLog::new(!args.no_access_log).with_local(&local);
     let shared = Shared::with_split(Snapshot::empty("none"), local, access_log, args.split);
+    if let Some(watcher) = identity {
+        shared.mesh.set_source(Arc::new(watcher));
+    }
     if let Some(path) = &args.config {
         reload::reload_now(path, &shared).map_err(|e| anyhow::anyhow!("invalid config {}:\n{e}", path.display()))?;
         reload::spawn_watch(path.clone(), shared.clone());
@@ -106,8 +125,14 @@ pub async fn start(args: &SidecarArgs) -> anyhow::Result<(Arc<Shared>, Bound, to
     tokio::spawn(admin::serve_metrics(metrics_l, shared.clone()));
     tokio::spawn(admin::serve_health(health_l, shared.clone()));
     shared.inbound.store(Arc::new(inbound::snapshot(args.app, bound.inbound.port(), &shared.local, &shared.registry)));
-    tokio::spawn(listener::serve(inbound_l, shared.clone(), Reporter::Destination, args.drain_timeout));
-    let data = tokio::spawn(listener::serve(outbound, shared.clone(), Reporter::Source, args.drain_timeout));
+    tokio::spawn(inbound::serve(inbound_l, shared.clone(), args.app.port(), args.drain_timeout));
+    let data = tokio::spawn(listener::serve(
+        outbound,
+        shared.clone(),
+        Reporter::Source,
+        RouteSource::Outbound,
+        args.drain_timeout,
+    ));
     tracing::info!(outbound = %bound.outbound, inbound = %bound.inbound, app = %args.app, admin = %bound.admin, metrics = %bound.metrics, health = %bound.health, "sidecar ready");
     Ok((shared, bound, data))
 }

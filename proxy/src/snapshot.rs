@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use http::{HeaderName, HeaderValue, StatusCode};
 
+use crate::security::SecurityPolicies;
 pub use crate::upstream::endpoint::{EndpointRegistry, EndpointState};
 
 /// One compiled configuration, swapped atomically as a whole.
@@ -33,6 +34,9 @@ pub struct Snapshot {
     /// Services known from the registry by FQDN, also used for hosts without a
     /// VirtualService (a default route to the whole service).
     pub services: HashMap<String, Arc<ServiceInfo>>,
+    /// PeerAuthentication and AuthorizationPolicy, compiled (none by default:
+    /// PERMISSIVE, everything allowed). See [`crate::security`].
+    pub security: SecurityPolicies,
 }
 
 /// A host name pattern of a VirtualService or a registry service.
@@ -152,7 +156,12 @@ impl WeightedDestinations {
         while gcd(stride, total) != 1 {
             stride += 1;
         }
-        Some(WeightedDestinations { destinations, total, cumulative, stride, counter: AtomicU64::new(0) })
+        // Start at a random point of the period: every reload compiles a new
+        // counter, and a fixed start would hand the same few slots to each short
+        // run of requests between frequent reloads (a canary starved, or served
+        // far above its share). Any `total` consecutive picks stay exact.
+        let start = rand::random_range(0..total);
+        Some(WeightedDestinations { destinations, total, cumulative, stride, counter: AtomicU64::new(start) })
     }
 }
 
@@ -444,6 +453,7 @@ impl Snapshot {
             virtual_hosts: Vec::new(),
             clusters: HashMap::new(),
             services: HashMap::new(),
+            security: SecurityPolicies::default(),
         }
     }
 

@@ -7,6 +7,7 @@ use arc_swap::ArcSwap;
 
 use crate::access_log::AccessLog;
 use crate::drain::Drain;
+use crate::mesh_tls::MeshIdentity;
 use crate::metrics::Metrics;
 use crate::snapshot::{EndpointRegistry, Snapshot};
 use crate::upstream::split::SplitMode;
@@ -66,6 +67,8 @@ pub struct Shared {
     pub drain: Drain,
     /// How route destinations are picked by weight.
     pub split_mode: SplitMode,
+    /// The workload certificate for mutual TLS, when the sidecar has one.
+    pub mesh: MeshIdentity,
 }
 
 impl Shared {
@@ -91,6 +94,7 @@ impl Shared {
             local,
             drain: Drain::new(),
             split_mode,
+            mesh: MeshIdentity::default(),
         })
     }
 

@@ -172,6 +172,7 @@ fn request_info(snapshot: &Snapshot) -> RequestInfo {
         request_id: "r1".into(),
         user_agent: None,
         downstream_remote: "127.0.0.1:1".parse().expect("addr"),
+        peer: None,
     }
 }
 

@@ -163,9 +163,9 @@ fn kinds() {
     // YAML 1.1 booleans (`y`, `no`) stay strings where Istio expects strings.
     let s = load("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: y, namespace: no}\nspec: {host: x, subsets: [{name: on, labels: {version: yes}}]}\n").expect("strings");
     assert_eq!(s.resources.last().map(|r| r.resource.display_name()), Some("DestinationRule no/y".to_string()));
-    let pa = "---\n# nothing\n---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default}\nspec: {mtls: {mode: STRICT}}\n---\n";
-    let set = load(pa).expect("accepted, not applied");
-    assert!(set.warnings.iter().any(|w| w.contains("PeerAuthentication")), "{:?}", set.warnings);
+    let ra = "---\n# nothing\n---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: default}\nspec: {jwtRules: [{issuer: x}]}\n---\n";
+    let set = load(ra).expect("accepted, not applied");
+    assert!(set.warnings.iter().any(|w| w.contains("RequestAuthentication")), "{:?}", set.warnings);
 }
 
 #[test]

@@ -89,14 +89,23 @@ impl Sidecar {
 
     /// Like [`Sidecar::start`], with a split mode and the inbound side's app address.
     pub async fn start_full(docs: &[String], split: SplitMode, app: SocketAddr) -> Sidecar {
+        Self::start_args(docs, |args| {
+            args.split = split;
+            args.app = app;
+        })
+        .await
+    }
+
+    /// Like [`Sidecar::start`], with any sidecar option changed by `edit`.
+    pub async fn start_args(docs: &[String], edit: impl FnOnce(&mut SidecarArgs)) -> Sidecar {
         let dir = tempfile::tempdir().expect("tempdir");
         write_config(dir.path(), docs);
         let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
-        let args = SidecarArgs {
+        let mut args = SidecarArgs {
             config: Some(dir.path().to_path_buf()),
             outbound: any,
             inbound: any,
-            app,
+            app: "127.0.0.1:8080".parse().expect("addr"),
             admin: any,
             metrics: any,
             health: any,
@@ -105,9 +114,11 @@ impl Sidecar {
             app_label: "frontend".into(),
             app_version: "v1".into(),
             no_access_log: true,
-            split,
+            cert_dir: None,
+            split: SplitMode::Exact,
             drain_timeout: Duration::from_secs(2),
         };
+        edit(&mut args);
         let (shared, bound, _data) = sidecar::start(&args).await.expect("start sidecar");
         Sidecar { shared, bound, dir }
     }
@@ -415,17 +426,21 @@ impl Sidecar {
             .unwrap_or_else(|| panic!("no host {addr} in {cluster}: {c}"))
     }
 
-    /// Polls `/config_dump` until its `last_rejected` is set; returns the error.
-    /// Bounded: 10 s.
-    pub async fn wait_rejected(&self) -> String {
+    /// Polls `/config_dump` until its `last_rejected` error contains `needle`;
+    /// returns the error. Bounded: 10 s.
+    pub async fn wait_rejected(&self, needle: &str) -> String {
+        let mut last = serde_json::Value::Null;
         for _ in 0..200 {
             let dump = self.admin_json("/config_dump").await;
-            if let Some(error) = dump["last_rejected"]["error"].as_str() {
+            if let Some(error) = dump["last_rejected"]["error"].as_str()
+                && error.contains(needle)
+            {
                 return error.to_string();
             }
+            last = dump["last_rejected"].clone();
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("no rejected update within 10 s");
+        panic!("no rejected update mentioning {needle:?} within 10 s; last_rejected: {last}");
     }
 }
 
@@ -447,12 +462,23 @@ impl Client {
         path: &str,
         headers: &[(&str, &str)],
     ) -> Result<(StatusCode, HeaderMap, Bytes), Box<dyn std::error::Error + Send + Sync>> {
+        self.send(method, path, headers, Bytes::new()).await
+    }
+
+    /// One request with `method` and `body`; returns status, headers and body.
+    pub async fn send(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> Result<(StatusCode, HeaderMap, Bytes), Box<dyn std::error::Error + Send + Sync>> {
         self.sender.ready().await?;
         let mut req = Request::builder().method(method).uri(path).header("host", &self.host);
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        let resp = self.sender.send_request(req.body(Full::new(Bytes::new()))?).await?;
+        let resp = self.sender.send_request(req.body(Full::new(body))?).await?;
         let (parts, body) = resp.into_parts();
         let body = body.collect().await?.to_bytes();
         Ok((parts.status, parts.headers, body))

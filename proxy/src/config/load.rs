@@ -44,14 +44,15 @@ impl ConfigSet {
 const NETWORKING_VERSIONS: [&str; 3] =
     ["networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3"];
 
+/// The Istio API versions serin reads for PeerAuthentication and AuthorizationPolicy.
+const SECURITY_VERSIONS: [&str; 2] = ["security.istio.io/v1", "security.istio.io/v1beta1"];
+
 /// Istio kinds accepted but not applied to the sidecar snapshot, with their API group.
-const NOT_APPLIED: [(&str, &str); 9] = [
+const NOT_APPLIED: [(&str, &str); 7] = [
     ("networking.istio.io", "Sidecar"),
     ("networking.istio.io", "EnvoyFilter"),
     ("networking.istio.io", "WorkloadGroup"),
     ("networking.istio.io", "ProxyConfig"),
-    ("security.istio.io", "PeerAuthentication"),
-    ("security.istio.io", "AuthorizationPolicy"),
     ("security.istio.io", "RequestAuthentication"),
     ("telemetry.istio.io", "Telemetry"),
     ("extensions.istio.io", "WasmPlugin"),
@@ -145,6 +146,7 @@ fn load_document(origin: &str, doc: Document<'_>, set: &mut ConfigSet, errors: &
     let display = format!("{kind} {}", header.name());
     let bad = |field: &str, message: String| ConfigError::new(origin, &display, field, message).at(doc.first_line, 1);
     let networking = NETWORKING_VERSIONS.contains(&api.as_str());
+    let security = SECURITY_VERSIONS.contains(&api.as_str());
     let resource = match kind.as_str() {
         "" => return errors.push(bad("kind", "missing kind".into())),
         "VirtualService" | "DestinationRule" | "ServiceEntry" | "WorkloadEntry" | "Gateway" if !networking => {
@@ -154,11 +156,22 @@ fn load_document(origin: &str, doc: Document<'_>, set: &mut ConfigSet, errors: &
             );
             return errors.push(bad("apiVersion", message));
         }
+        "PeerAuthentication" | "AuthorizationPolicy" if !security => {
+            let message =
+                format!("unsupported apiVersion {api:?} for {kind} (expected one of {})", SECURITY_VERSIONS.join(", "));
+            return errors.push(bad("apiVersion", message));
+        }
         "VirtualService" => typed(origin, doc, &display, errors).map(Resource::VirtualService),
         "DestinationRule" => typed(origin, doc, &display, errors).map(Resource::DestinationRule),
         "ServiceEntry" => typed(origin, doc, &display, errors).map(Resource::ServiceEntry),
         "WorkloadEntry" => typed(origin, doc, &display, errors).map(Resource::WorkloadEntry),
         "Gateway" => typed(origin, doc, &display, errors).map(Resource::Gateway),
+        "PeerAuthentication" => {
+            typed(origin, doc, &display, errors).map(no_spec_is_empty).map(Resource::PeerAuthentication)
+        }
+        "AuthorizationPolicy" => {
+            typed(origin, doc, &display, errors).map(no_spec_is_empty).map(Resource::AuthorizationPolicy)
+        }
         other => match NOT_APPLIED.iter().find(|(_, k)| *k == other) {
             Some((group, _)) if api.split('/').next() == Some(group) => {
                 let r = typed::<serde_json::Value>(origin, doc, &display, errors).map(Resource::NotApplied);
@@ -176,7 +189,7 @@ fn load_document(origin: &str, doc: Document<'_>, set: &mut ConfigSet, errors: &
                 ));
             }
             None => {
-                return errors.push(bad("kind", format!("unknown kind {other:?} (apiVersion {api:?}): serin reads VirtualService, DestinationRule, ServiceEntry, WorkloadEntry and Gateway")));
+                return errors.push(bad("kind", format!("unknown kind {other:?} (apiVersion {api:?}): serin reads VirtualService, DestinationRule, ServiceEntry, WorkloadEntry, Gateway, PeerAuthentication and AuthorizationPolicy")));
             }
         },
     };
@@ -185,6 +198,15 @@ fn load_document(origin: &str, doc: Document<'_>, set: &mut ConfigSet, errors: &
     let mut sink = Sink { file: origin, resource: resource.display_name(), errors };
     validate::check_resource(&resource, &mut sink);
     if errors.len() == before {
+        if let Resource::AuthorizationPolicy(ap) = &resource
+            && validate::security::is_dry_run(&ap.metadata)
+        {
+            set.warnings.push(format!(
+                "{origin}: {display}: dry-run (annotation {}): checked but not enforced; \
+                 serin does not report what it would have decided",
+                validate::security::DRY_RUN_ANNOTATION
+            ));
+        }
         set.resources.push(LoadedResource { file: origin.to_string(), line: doc.first_line, resource });
     }
 }
@@ -203,6 +225,18 @@ fn typed<S: DeserializeOwned>(
             errors.push(error);
             None
         }
+    }
+}
+
+/// A missing or null `spec` (`spec:` with nothing under it, as older Istio docs
+/// write a deny-all AuthorizationPolicy) is the empty spec.
+fn no_spec_is_empty<S: Default>(envelope: Envelope<Option<S>>) -> Envelope<S> {
+    Envelope {
+        api_version: envelope.api_version,
+        kind: envelope.kind,
+        metadata: envelope.metadata,
+        spec: envelope.spec.unwrap_or_default(),
+        status: envelope.status,
     }
 }
 

@@ -10,6 +10,7 @@ use hyper_util::rt::TokioIo;
 
 use crate::body::{self, ProxyBody};
 use crate::flags::ResponseFlags;
+use crate::mesh_tls;
 use crate::snapshot::{Cluster, Route};
 use crate::upstream::balance;
 use crate::upstream::outlier::{self, Outcome};
@@ -94,25 +95,41 @@ pub async fn call(
 ) -> Result<Response<PooledBody>, CallError> {
     let policy = &route.retry;
     let tries = 1 + policy.attempts;
-    let mut avoid: Option<SocketAddr> = None;
+    // Endpoints already tried, skipped by later tries while others are left
+    // (filled only when a retry happens: no allocation otherwise).
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut previous: Option<SocketAddr> = None;
     let mut last = CallError::NoHealthy;
     for attempt in 0..tries {
         if attempt > 0 {
             tokio::time::sleep(retry::backoff(policy, attempt)).await;
         }
+        tried.extend(previous.take());
         let more = attempt + 1 < tries;
-        let Some(endpoint) = balance::pick(cluster, hash, avoid) else {
+        let Some(endpoint) = balance::pick_avoiding(cluster, hash, &tried) else {
             return Err(CallError::NoHealthy);
         };
-        avoid = Some(endpoint.addr);
+        previous = Some(endpoint.addr);
         rec.info.upstream = Some(endpoint.clone());
         rec.info.attempts = attempt + 1;
         rec.set_active(endpoint.state.clone());
 
-        let conn = match endpoint.state.pool.checkout(head.protocol, &cluster.policy.pool).await {
-            Ok(conn) => conn,
+        let upgrade = head.headers.contains_key(header::UPGRADE);
+        let checkout = match rec.shared().mesh.upstream_tls(cluster, &endpoint, upgrade) {
+            Ok(tls) => {
+                let protocol = if tls.is_some() { mesh_tls::mesh_protocol(upgrade) } else { head.protocol };
+                let pool = &endpoint.state.pool;
+                pool.checkout(protocol, &cluster.policy.pool, tls.as_ref()).await.map(|conn| (conn, protocol))
+            }
+            Err(e) => Err(e),
+        };
+        let (conn, protocol) = match checkout {
+            Ok(pair) => pair,
             Err(PoolError::Overflow { .. }) => return Err(CallError::Overflow),
             Err(e) => {
+                if matches!(e, PoolError::Identity { .. } | PoolError::Tls { .. } | PoolError::NoIdentity { .. }) {
+                    tracing::warn!(cluster = %cluster.name, endpoint = %endpoint.addr, error = %e, "mutual TLS to upstream failed");
+                }
                 tracing::debug!(cluster = %cluster.name, error = %e, "upstream connect failed");
                 outlier::observe(cluster, &endpoint, Outcome::Failure);
                 last = CallError::Connect { retried: attempt > 0 };
@@ -123,7 +140,7 @@ pub async fn call(
             }
         };
         let replayable = matches!(body, RequestBody::Buffered(_));
-        let req = build_request(head, &mut body, &endpoint.addr);
+        let req = build_request(head, protocol, &mut body, &endpoint.addr);
         let sent = match policy.per_try_timeout {
             Some(limit) => tokio::time::timeout(limit, conn.send(req)).await.map_err(|_| ()),
             None => Ok(conn.send(req).await),
@@ -132,8 +149,12 @@ pub async fn call(
             Err(()) => {
                 outlier::observe(cluster, &endpoint, Outcome::Failure);
                 last = CallError::Timeout;
-                if more && replayable && retry::retriable_timeout(policy) {
+                let retriable = replayable && retry::retriable_timeout(policy);
+                if more && retriable {
                     continue;
+                }
+                if retriable && policy.attempts > 0 {
+                    rec.info.flags.insert(ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED);
                 }
                 return Err(last);
             }
@@ -141,9 +162,14 @@ pub async fn call(
                 let status = resp.status().as_u16();
                 outlier::observe(cluster, &endpoint, Outcome::Status(status));
                 let grpc = grpc_status(resp.headers());
-                if more && replayable && retry::retriable_response(policy, status, grpc) {
+                let retriable = replayable && retry::retriable_response(policy, status, grpc);
+                if more && retriable {
                     tracing::debug!(cluster = %cluster.name, status, "retrying");
                     continue;
+                }
+                if retriable && policy.attempts > 0 {
+                    // Envoy passes the last retriable answer on, flagged URX.
+                    rec.info.flags.insert(ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED);
                 }
                 return Ok(resp);
             }
@@ -168,7 +194,12 @@ pub async fn call(
 }
 
 /// Builds the request of one try. A streaming body is taken by the first try.
-pub(super) fn build_request(head: &UpstreamHead, body: &mut RequestBody, addr: &SocketAddr) -> Request<ProxyBody> {
+pub(super) fn build_request(
+    head: &UpstreamHead,
+    protocol: UpstreamProtocol,
+    body: &mut RequestBody,
+    addr: &SocketAddr,
+) -> Request<ProxyBody> {
     let body = match body {
         RequestBody::Buffered(bytes) => body::full(bytes.clone()),
         RequestBody::Stream(stream) => stream.take().unwrap_or_else(body::empty),
@@ -176,7 +207,7 @@ pub(super) fn build_request(head: &UpstreamHead, body: &mut RequestBody, addr: &
     let mut req = Request::new(body);
     *req.method_mut() = head.method.clone();
     *req.headers_mut() = head.headers.clone();
-    match head.protocol {
+    match protocol {
         UpstreamProtocol::Http2 => {
             *req.version_mut() = Version::HTTP_2;
             let uri = format!("http://{}{}", head.authority, head.path);

@@ -9,7 +9,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::flags::ResponseFlags;
 use crate::request_info::{Reporter, RequestInfo};
@@ -20,10 +20,8 @@ use super::ConnInfo;
 /// Largest request head accepted (Envoy's default is 60 KiB); larger gets 431.
 pub const MAX_REQUEST_HEADERS: usize = 60 * 1024;
 
-/// Serves `listener` until the drain starts, then lets open connections finish
-/// their requests for up to `drain_deadline`.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, reporter: Reporter, drain_deadline: Duration) {
-    let graceful = GracefulShutdown::new();
+/// The HTTP/1.1 + h2c connection builder with serin's limits.
+pub fn http_builder() -> Arc<auto::Builder<TokioExecutor>> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -31,7 +29,49 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, reporter: Reporte
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(60));
     builder.http2().timer(TokioTimer::new()).max_header_list_size(MAX_REQUEST_HEADERS as u32);
-    let builder = Arc::new(builder);
+    Arc::new(builder)
+}
+
+/// Serves HTTP on one accepted connection (plain TCP or TLS) in a task of its own;
+/// the connection drains with `graceful`.
+pub fn serve_http<IO>(
+    builder: &auto::Builder<TokioExecutor>,
+    graceful: &GracefulShutdown,
+    io: IO,
+    shared: Arc<Shared>,
+    info: ConnInfo,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    serve_http_watched(builder, graceful.watcher(), io, shared, info);
+}
+
+/// Like [`serve_http`], for a connection accepted in a task of its own (after a
+/// TLS handshake): `watcher` comes from the listener's `GracefulShutdown`.
+pub fn serve_http_watched<IO>(
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+    io: IO,
+    shared: Arc<Shared>,
+    info: ConnInfo,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc_shared = shared.clone();
+    let svc_info = info.clone();
+    let svc = service_fn(move |req| super::handle(svc_shared.clone(), svc_info.clone(), req));
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc).into_owned();
+    let conn = watcher.watch(conn);
+    tokio::spawn(async move {
+        let opened = Instant::now();
+        if let Err(e) = conn.await {
+            record_protocol_error(&shared, &info, e.as_ref(), opened);
+        }
+    });
+}
+
+/// Accepts connections until the drain starts, handing each to `on_accept`.
+pub async fn accept_loop(listener: TcpListener, shared: &Shared, mut on_accept: impl FnMut(TcpStream, SocketAddr)) {
     loop {
         let (stream, remote) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -45,24 +85,34 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, reporter: Reporte
             () = shared.drain.signaled() => break,
         };
         let _ = stream.set_nodelay(true);
-        let local = stream.local_addr().unwrap_or(remote);
-        let info = ConnInfo { remote, local, reporter };
-        let shared = shared.clone();
-        let builder = builder.clone();
-        let svc_shared = shared.clone();
-        let svc = service_fn(move |req| super::handle(svc_shared.clone(), info, req));
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            let opened = Instant::now();
-            if let Err(e) = conn.await {
-                record_protocol_error(&shared, &info, e.as_ref(), opened);
-            }
-        });
+        on_accept(stream, remote);
     }
-    drop(listener);
-    if tokio::time::timeout(drain_deadline, graceful.shutdown()).await.is_err() {
-        tracing::warn!(?drain_deadline, "drain deadline passed with connections still open");
+}
+
+/// Serves plaintext HTTP on `listener` until the drain starts, then lets open
+/// connections finish their requests for up to `drain_deadline`.
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    reporter: Reporter,
+    routes: super::RouteSource,
+    drain_deadline: Duration,
+) {
+    let graceful = GracefulShutdown::new();
+    let builder = http_builder();
+    accept_loop(listener, &shared, |stream, remote| {
+        let local = stream.local_addr().unwrap_or(remote);
+        let info = ConnInfo::new(remote, local, reporter, routes.clone());
+        serve_http(&builder, &graceful, stream, shared.clone(), info);
+    })
+    .await;
+    drain_connections(graceful, drain_deadline).await;
+}
+
+/// Waits for drained connections to finish, up to `deadline`.
+pub async fn drain_connections(graceful: GracefulShutdown, deadline: Duration) {
+    if tokio::time::timeout(deadline, graceful.shutdown()).await.is_err() {
+        tracing::warn!(?deadline, "drain deadline passed with connections still open");
     }
 }
 
@@ -102,6 +152,7 @@ fn record_protocol_error(shared: &Shared, conn: &ConnInfo, err: &(dyn std::error
         request_id: String::new(),
         user_agent: None,
         downstream_remote: conn.remote,
+        peer: None,
     };
     shared.metrics.record_request(&shared.local, &info);
     shared.access_log.log(&info);

@@ -2,16 +2,19 @@
 //! the mirror cluster with `-shadow` appended to its host; the response is
 //! read and dropped, and never delays the real request.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http_body_util::BodyExt;
 
 use crate::snapshot::Mirror;
+use crate::state::Shared;
 use crate::upstream::balance;
 
 use super::call::{RequestBody, UpstreamHead};
 
 /// Sends a shadow copy of the request, if the mirror percentage draws it.
-pub fn maybe_send(mirror: &Mirror, head: &UpstreamHead, body: Bytes) {
+pub fn maybe_send(shared: &Arc<Shared>, mirror: &Mirror, head: &UpstreamHead, body: Bytes) {
     if !super::hit(mirror.percentage) {
         return;
     }
@@ -26,8 +29,18 @@ pub fn maybe_send(mirror: &Mirror, head: &UpstreamHead, body: Bytes) {
         protocol: head.protocol,
     };
     let cluster = mirror.cluster.clone();
+    let shared = shared.clone();
     tokio::spawn(async move {
-        let conn = match endpoint.state.pool.checkout(head.protocol, &cluster.policy.pool).await {
+        let mesh = &shared.mesh;
+        let tls = match mesh.upstream_tls(&cluster, &endpoint, false) {
+            Ok(tls) => tls,
+            Err(e) => {
+                tracing::debug!(cluster = %cluster.name, error = %e, "mirror: no mutual TLS possible");
+                return;
+            }
+        };
+        let protocol = if tls.is_some() { crate::mesh_tls::mesh_protocol(false) } else { head.protocol };
+        let conn = match endpoint.state.pool.checkout(protocol, &cluster.policy.pool, tls.as_ref()).await {
             Ok(conn) => conn,
             Err(e) => {
                 tracing::debug!(cluster = %cluster.name, error = %e, "mirror connect failed");
@@ -35,7 +48,7 @@ pub fn maybe_send(mirror: &Mirror, head: &UpstreamHead, body: Bytes) {
             }
         };
         let mut body = RequestBody::Buffered(body);
-        let req = super::call::build_request(&head, &mut body, &endpoint.addr);
+        let req = super::call::build_request(&head, protocol, &mut body, &endpoint.addr);
         match conn.send(req).await {
             Ok(resp) => {
                 let _ = resp.into_body().collect().await;

@@ -40,11 +40,36 @@ use record::{CountingBody, ObservedBody, Recorder};
 pub const MAX_REPLAY_BODY: u64 = 64 * 1024;
 
 /// What the listener knows about the downstream connection.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub remote: SocketAddr,
     pub local: SocketAddr,
     pub reporter: Reporter,
+    /// Which routes serve this listener.
+    pub routes: RouteSource,
+    /// The verified peer when the connection is mutual TLS.
+    pub peer: Option<Arc<crate::request_info::PeerTls>>,
+    /// The proxy terminated TLS for this connection at the edge (a gateway's
+    /// HTTPS server): requests have scheme `https` and `x-forwarded-proto: https`.
+    pub tls: bool,
+}
+
+/// The snapshot a listener routes by.
+#[derive(Debug, Clone)]
+pub enum RouteSource {
+    /// The sidecar's outbound routes (`Shared::snapshot`).
+    Outbound,
+    /// The inbound one-route snapshot (`Shared::inbound`).
+    Inbound,
+    /// A listener's own routes (a gateway server), swapped on reload.
+    Own(Arc<arc_swap::ArcSwap<crate::snapshot::Snapshot>>),
+}
+
+impl ConnInfo {
+    /// A plaintext connection's info.
+    pub fn new(remote: SocketAddr, local: SocketAddr, reporter: Reporter, routes: RouteSource) -> ConnInfo {
+        ConnInfo { remote, local, reporter, routes, peer: None, tls: false }
+    }
 }
 
 /// Serves one request; never fails (errors become local replies).
@@ -81,13 +106,18 @@ pub async fn handle(
         request_id,
         user_agent: parts.headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).map(str::to_string),
         downstream_remote: conn.remote,
+        peer: conn.peer.clone(),
     };
     let mut rec = Recorder::new(shared.clone(), info, started);
     let body = CountingBody::new(incoming, rec.received.clone());
+    if let Some((status, text)) = malformed(&parts) {
+        return Ok(local_reply(rec, status, ResponseFlags::DOWNSTREAM_PROTOCOL_ERROR, text));
+    }
 
-    let snapshot = match conn.reporter {
-        Reporter::Source => shared.snapshot.load_full(),
-        Reporter::Destination => shared.inbound.load_full(),
+    let snapshot = match &conn.routes {
+        RouteSource::Outbound => shared.snapshot.load_full(),
+        RouteSource::Inbound => shared.inbound.load_full(),
+        RouteSource::Own(routes) => routes.load_full(),
     };
     let Some(vh) = snapshot.find_virtual_host(&host) else {
         return Ok(local_reply(rec, StatusCode::NOT_FOUND, ResponseFlags::NO_ROUTE, "route not found"));
@@ -96,11 +126,16 @@ pub async fn handle(
         method: &parts.method,
         path: parts.uri.path(),
         query: parts.uri.query().unwrap_or(""),
-        scheme: "http",
+        scheme: if conn.tls { "https" } else { "http" },
         authority: &authority,
         headers: &parts.headers,
         port,
     };
+    if conn.reporter == Reporter::Destination
+        && let Some(reply) = authorize(&shared, &conn, &view)
+    {
+        return Ok(local_reply(rec, StatusCode::FORBIDDEN, ResponseFlags::RBAC_DENIED, reply));
+    }
     let Some(route) = router::find_route(vh, &view) else {
         return Ok(local_reply(rec, StatusCode::NOT_FOUND, ResponseFlags::NO_ROUTE, "route not found"));
     };
@@ -122,14 +157,27 @@ pub async fn handle(
 
     let hash = request_hash(dests, &parts.headers, view.query, conn.remote);
     let dest = split::pick(dests, shared.split_mode, hash);
+    // The endpoint is picked by the chosen cluster's own policy: a subset-level
+    // consistentHash applies even when another subset comes first in the route.
+    let hash = cluster_hash(&dest.cluster, &parts.headers, view.query, conn.remote);
     let cluster = dest.cluster.clone();
     rec.info.cluster = Some(cluster.clone());
 
     let upgrade = on_upgrade.is_some();
     headers::strip_hop_by_hop(&mut parts.headers, upgrade);
+    if conn.reporter == Reporter::Destination {
+        // The app learns the caller from the mutual-TLS connection only, never
+        // from a header the caller sent (Envoy's SANITIZE_SET).
+        parts.headers.remove(X_FORWARDED_CLIENT_CERT);
+        if let Some(peer) = &conn.peer {
+            parts.headers.insert(X_FORWARDED_CLIENT_CERT, peer.xfcc.clone());
+        }
+    }
     parts.headers.remove(header::EXPECT);
     headers::append_forwarded_for(&mut parts.headers, conn.remote.ip());
-    if !parts.headers.contains_key(&headers::X_FORWARDED_PROTO) {
+    if conn.tls {
+        parts.headers.insert(&headers::X_FORWARDED_PROTO, http::HeaderValue::from_static("https"));
+    } else if !parts.headers.contains_key(&headers::X_FORWARDED_PROTO) {
         parts.headers.insert(&headers::X_FORWARDED_PROTO, http::HeaderValue::from_static("http"));
     }
     headers::apply_edits(&mut parts.headers, &route.headers.request);
@@ -160,7 +208,7 @@ pub async fn handle(
     if let Some(mirror) = &route.mirror
         && let RequestBody::Buffered(bytes) = &request_body
     {
-        mirror::maybe_send(mirror, &head, bytes.clone());
+        mirror::maybe_send(&shared, mirror, &head, bytes.clone());
     }
 
     // The route timeout runs from the request's arrival to the response's end.
@@ -177,6 +225,10 @@ pub async fn handle(
             return Ok(local_reply(rec, status, flag, text));
         }
     };
+    // The client's connection keeps its own version: an HTTP/1.0 (or h2) upstream
+    // answer must not turn an HTTP/1.1 keep-alive connection into a 1.0 one.
+    // hyper answers an HTTP/1.0 client as 1.0 by itself.
+    *resp.version_mut() = Version::HTTP_11;
 
     let status = resp.status();
     rec.info.status = status.as_u16();
@@ -194,6 +246,56 @@ pub async fn handle(
     headers::apply_edits(resp.headers_mut(), &route.headers.response);
     headers::apply_edits(resp.headers_mut(), &dest.headers.response);
     Ok(resp.map(|b| body::boxed(ObservedBody::new(body::boxed(b), rec).with_deadline(deadline))))
+}
+
+/// RFC 9112 checks that hyper leaves to the server (Envoy makes them too): an
+/// HTTP/1.1 request needs exactly one `Host` (400; HTTP/1.0 at most one), and a
+/// transfer coding other than `chunked` is not implemented (501).
+fn malformed(parts: &http::request::Parts) -> Option<(StatusCode, &'static str)> {
+    if !matches!(parts.version, Version::HTTP_10 | Version::HTTP_11) {
+        return None;
+    }
+    let hosts = parts.headers.get_all(header::HOST).iter().count();
+    if hosts > 1 || (hosts == 0 && parts.version == Version::HTTP_11) {
+        return Some((StatusCode::BAD_REQUEST, "missing or repeated host header"));
+    }
+    let other_coding = parts
+        .headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+        .any(|coding| !coding.trim().eq_ignore_ascii_case("chunked"));
+    other_coding.then_some((StatusCode::NOT_IMPLEMENTED, "unsupported transfer encoding"))
+}
+
+/// `x-forwarded-client-cert`.
+const X_FORWARDED_CLIENT_CERT: http::HeaderName = http::HeaderName::from_static("x-forwarded-client-cert");
+
+/// AuthorizationPolicy on the inbound side: the denial's body, or `None` to go on.
+fn authorize(shared: &Shared, conn: &ConnInfo, view: &RequestView<'_>) -> Option<&'static str> {
+    let snapshot = shared.snapshot.load();
+    let labels = crate::inbound::local_labels(&shared.local);
+    if !snapshot.security.has_authorization(&shared.local.namespace, &labels) {
+        return None;
+    }
+    let principal = conn.peer.as_ref().map(|p| p.principal.as_str());
+    let attrs = crate::security::RequestAttrs {
+        source_principal: principal,
+        source_namespace: conn.peer.as_ref().map(|p| p.namespace.as_str()),
+        source_ip: conn.remote.ip(),
+        method: view.method.as_str(),
+        path: view.path,
+        host: view.authority,
+        port: view.port,
+        headers: view.headers,
+    };
+    match snapshot.security.authorize(&shared.local.namespace, &labels, &attrs) {
+        crate::security::Decision::Allow => None,
+        crate::security::Decision::Deny { policy } => {
+            tracing::debug!(%policy, principal = principal.unwrap_or("-"), "request denied by AuthorizationPolicy");
+            Some("RBAC: access denied")
+        }
+    }
 }
 
 /// Host and port as the request addressed them: `:authority` (HTTP/2 or an
@@ -285,7 +387,17 @@ fn hit(percent: f64) -> bool {
 
 /// The consistent-hash key of the request, when the destination's policy has one.
 fn request_hash(dests: &WeightedDestinations, headers: &HeaderMap, query: &str, remote: SocketAddr) -> Option<u64> {
-    let LoadBalancer::ConsistentHash(key) = &dests.destinations.first()?.cluster.policy.load_balancer else {
+    cluster_hash(&dests.destinations.first()?.cluster, headers, query, remote)
+}
+
+/// The consistent-hash key of the request under `cluster`'s policy, if it has one.
+fn cluster_hash(
+    cluster: &crate::snapshot::Cluster,
+    headers: &HeaderMap,
+    query: &str,
+    remote: SocketAddr,
+) -> Option<u64> {
+    let LoadBalancer::ConsistentHash(key) = &cluster.policy.load_balancer else {
         return None;
     };
     match key {
@@ -314,7 +426,14 @@ fn rewrite(route: &Route, uri: &Uri, authority: &str) -> (String, String) {
     let path = match new_uri {
         Some(replacement) => {
             let prefix = route.matches.iter().find_map(|m| match &m.uri {
-                Some(crate::snapshot::StringMatch::Prefix(p)) if uri.path().starts_with(p.as_str()) => Some(p.len()),
+                // An `ignoreUriCase` prefix is stored lower-case: compare as the matcher does.
+                Some(crate::snapshot::StringMatch::Prefix(p))
+                    if uri.path().get(..p.len()).is_some_and(|head| {
+                        if m.ignore_uri_case { head.eq_ignore_ascii_case(p) } else { head == p }
+                    }) =>
+                {
+                    Some(p.len())
+                }
                 _ => None,
             });
             let rest = match prefix {
@@ -340,6 +459,29 @@ mod tests {
         assert_eq!(split_host_port("payment", 15001), ("payment".into(), 15001));
         assert_eq!(split_host_port("[::1]:9000", 80), ("::1".into(), 9000));
         assert_eq!(split_host_port("payment.default.svc.cluster.local", 80).0, "payment.default.svc.cluster.local");
+    }
+
+    #[test]
+    fn prefix_rewrite_honours_ignore_uri_case() {
+        let route = Route {
+            name: "shop".into(),
+            matches: vec![crate::snapshot::RequestMatch {
+                uri: Some(crate::snapshot::StringMatch::Prefix("/shop/".into())),
+                ignore_uri_case: true,
+                ..Default::default()
+            }],
+            action: RouteAction::Direct { status: StatusCode::OK, body: Bytes::new() },
+            timeout: None,
+            retry: Default::default(),
+            fault: None,
+            headers: Default::default(),
+            rewrite: Some(Rewrite { uri: Some("/".into()), authority: None }),
+            mirror: None,
+        };
+        for path in ["/shop/cart?x=1", "/Shop/cart?x=1", "/SHOP/cart?x=1"] {
+            let uri: Uri = path.parse().expect("uri");
+            assert_eq!(rewrite(&route, &uri, "payment").0, "/cart?x=1", "{path}");
+        }
     }
 
     #[test]

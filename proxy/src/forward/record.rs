@@ -49,6 +49,11 @@ impl Recorder {
         }
     }
 
+    /// The sidecar's shared state.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
     /// Counts this request as active on `endpoint` (LEAST_REQUEST, `/clusters`)
     /// until it ends; releases any previous endpoint.
     pub fn set_active(&mut self, endpoint: Arc<EndpointState>) {

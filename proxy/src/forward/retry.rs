@@ -16,9 +16,10 @@ pub fn retriable_response(policy: &RetryPolicy, status: u16, grpc: Option<u32>) 
         || (on.grpc_cancelled && grpc == Some(1))
 }
 
-/// Whether a per-try timeout may be retried (Envoy treats it like a 504).
+/// Whether a per-try timeout may be retried: Envoy resets the try's stream and
+/// retries it on `5xx`, `gateway-error` and `reset`.
 pub fn retriable_timeout(policy: &RetryPolicy) -> bool {
-    policy.retry_on.server_error_5xx || policy.retry_on.gateway_error
+    policy.retry_on.server_error_5xx || policy.retry_on.gateway_error || policy.retry_on.reset
 }
 
 /// Whether a connection failure may be retried (`connect-failure`, or `5xx` and
@@ -65,5 +66,8 @@ mod tests {
         assert!(!retriable_reset(&default, false));
         assert!(retriable_reset(&default, true));
         assert!(backoff(&default, 3) <= Duration::from_millis(250));
+        assert!(!retriable_timeout(&default));
+        let reset = RetryPolicy { retry_on: RetryOn { reset: true, ..Default::default() }, ..Default::default() };
+        assert!(retriable_timeout(&reset), "a per-try timeout is a local reset");
     }
 }

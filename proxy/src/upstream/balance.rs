@@ -13,13 +13,19 @@ use crate::snapshot::{Cluster, Endpoint, LoadBalancer};
 /// `hash` is the request's consistent-hash key, when the policy has one;
 /// `avoid` is the endpoint of the previous try.
 pub fn pick(cluster: &Cluster, hash: Option<u64>, avoid: Option<SocketAddr>) -> Option<Arc<Endpoint>> {
+    pick_avoiding(cluster, hash, avoid.as_slice())
+}
+
+/// Like [`pick`], avoiding every endpoint in `tried` (Istio's
+/// `retryIgnorePreviousHosts`) while another healthy one is left.
+pub fn pick_avoiding(cluster: &Cluster, hash: Option<u64>, tried: &[SocketAddr]) -> Option<Arc<Endpoint>> {
     let eps = &cluster.endpoints;
     let n = eps.len();
     if n == 0 {
         return None;
     }
     let usable = |e: &Endpoint| !e.state.is_ejected();
-    let preferred = |e: &Endpoint| usable(e) && Some(e.addr) != avoid;
+    let preferred = |e: &Endpoint| usable(e) && !tried.contains(&e.addr);
     let start = match (&cluster.policy.load_balancer, hash) {
         (LoadBalancer::ConsistentHash(_), Some(h)) => {
             return rendezvous(eps, h, &preferred).or_else(|| rendezvous(eps, h, &usable));
@@ -77,6 +83,65 @@ impl Hasher for Fnv {
     fn write(&mut self, bytes: &[u8]) {
         for b in bytes {
             self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::{EndpointRegistry, HashKey, ServiceInfo, TrafficPolicy};
+    use std::sync::atomic::AtomicU64;
+
+    fn cluster(n: u16, load_balancer: LoadBalancer, registry: &EndpointRegistry) -> Cluster {
+        let service = Arc::new(ServiceInfo {
+            host: "payment.default.svc.cluster.local".into(),
+            name: "payment".into(),
+            namespace: "default".into(),
+            ports: vec![],
+        });
+        let endpoints = (0..n)
+            .map(|i| {
+                let addr = SocketAddr::from(([127, 0, 0, 1], 9000 + i));
+                Arc::new(Endpoint {
+                    addr,
+                    labels: vec![],
+                    workload: format!("payment-{i}"),
+                    namespace: "default".into(),
+                    service_account: None,
+                    state: registry.get_or_create(addr),
+                })
+            })
+            .collect();
+        Cluster {
+            name: "outbound|8080||payment.default.svc.cluster.local".into(),
+            service,
+            subset: None,
+            port: 8080,
+            endpoints,
+            policy: TrafficPolicy { load_balancer, ..TrafficPolicy::default() },
+            rr_cursor: AtomicU64::new(0),
+        }
+    }
+
+    #[test]
+    fn retries_avoid_every_endpoint_tried_while_another_is_left() {
+        let registry = EndpointRegistry::default();
+        for lb in [
+            LoadBalancer::LeastRequest,
+            LoadBalancer::RoundRobin,
+            LoadBalancer::Random,
+            LoadBalancer::ConsistentHash(HashKey::SourceIp),
+        ] {
+            let c = cluster(3, lb.clone(), &registry);
+            let tried = [c.endpoints[0].addr, c.endpoints[1].addr];
+            for _ in 0..100 {
+                let picked = pick_avoiding(&c, Some(7), &tried).expect("one is left");
+                assert_eq!(picked.addr, c.endpoints[2].addr, "{lb:?}");
+            }
+            // Every endpoint tried: a usable one rather than none.
+            let all: Vec<SocketAddr> = c.endpoints.iter().map(|e| e.addr).collect();
+            assert!(pick_avoiding(&c, Some(7), &all).is_some(), "{lb:?}");
         }
     }
 }

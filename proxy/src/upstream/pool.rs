@@ -38,6 +38,15 @@ pub enum PoolError {
     Overflow { addr: SocketAddr },
     #[error("HTTP handshake with {addr} failed: {source}")]
     Handshake { addr: SocketAddr, source: hyper::Error },
+    /// The TLS handshake with an upstream sidecar failed (bad chain, wrong CA, …).
+    #[error("mutual TLS handshake with {addr} failed: {source}")]
+    Tls { addr: SocketAddr, source: std::io::Error },
+    /// The upstream presented another identity than the registry gives for it.
+    #[error("upstream {addr} identity check failed: {source}")]
+    Identity { addr: SocketAddr, source: Box<serin_certs::PeerIdentityError> },
+    /// Mutual TLS is required but this proxy has no workload certificate.
+    #[error("mutual TLS to {addr} needs a workload certificate (--cert-dir)")]
+    NoIdentity { addr: SocketAddr },
     /// The request was written (maybe partly) and the connection failed.
     #[error("upstream {addr}: {source}")]
     Send { addr: SocketAddr, source: hyper::Error, refused: bool },
@@ -46,8 +55,25 @@ pub enum PoolError {
 impl PoolError {
     /// Whether nothing reached the upstream application (safe to retry anywhere).
     pub fn is_connect_failure(&self) -> bool {
-        matches!(self, PoolError::Connect { .. } | PoolError::ConnectTimeout { .. } | PoolError::Handshake { .. })
+        matches!(
+            self,
+            PoolError::Connect { .. }
+                | PoolError::ConnectTimeout { .. }
+                | PoolError::Handshake { .. }
+                | PoolError::Tls { .. }
+                | PoolError::Identity { .. }
+                | PoolError::NoIdentity { .. }
+        )
     }
+}
+
+/// Mutual TLS to an upstream sidecar: the client config (its ALPN offer decides
+/// HTTP/2 or HTTP/1.1) and the identities the server may present.
+#[derive(Debug, Clone)]
+pub struct UpstreamTls {
+    pub config: Arc<rustls::ClientConfig>,
+    /// Acceptable SPIFFE IDs; empty accepts any identity of the mesh CA.
+    pub expected: Vec<serin_certs::SpiffeId>,
 }
 
 /// Connections to one address.
@@ -59,13 +85,21 @@ pub struct Pool {
 #[derive(Debug)]
 struct PoolInner {
     addr: SocketAddr,
-    idle: Mutex<Vec<IdleConn>>,
-    h2: Mutex<Option<H2Conn>>,
+    /// Plaintext connections.
+    plain: SubPool,
+    /// Mutual-TLS connections (kept apart: a pooled connection's security is part of its key).
+    mtls: SubPool,
     /// Open HTTP/1.1 connections (idle or busy).
     open: AtomicU32,
     /// Requests waiting for a connection because `max_connections` is reached.
     pending: AtomicU32,
     released: Notify,
+}
+
+#[derive(Debug, Default)]
+struct SubPool {
+    idle: Mutex<Vec<IdleConn>>,
+    h2: Mutex<Option<H2Conn>>,
 }
 
 #[derive(Debug)]
@@ -87,8 +121,8 @@ impl Pool {
         Pool {
             inner: Arc::new(PoolInner {
                 addr,
-                idle: Mutex::new(Vec::new()),
-                h2: Mutex::new(None),
+                plain: SubPool::default(),
+                mtls: SubPool::default(),
                 open: AtomicU32::new(0),
                 pending: AtomicU32::new(0),
                 released: Notify::new(),
@@ -98,28 +132,41 @@ impl Pool {
 
     /// Open HTTP/1.1 connections and idle ones among them.
     pub fn connection_counts(&self) -> (u32, usize) {
-        let idle = self.inner.idle.lock().map(|v| v.len()).unwrap_or(0);
+        let count = |p: &SubPool| p.idle.lock().map(|v| v.len()).unwrap_or(0);
+        let idle = count(&self.inner.plain) + count(&self.inner.mtls);
         (self.inner.open.load(Ordering::Relaxed), idle)
     }
 
     /// A connection ready to carry one request: an idle or new HTTP/1.1 connection,
     /// or the shared HTTP/2 connection. Fails without touching any request, so a
     /// connect failure can be retried elsewhere with the same body.
-    pub async fn checkout(&self, protocol: UpstreamProtocol, limits: &ConnectionPool) -> Result<Conn, PoolError> {
+    /// With `tls`, the connection is mutual TLS and the server's identity checked.
+    pub async fn checkout(
+        &self,
+        protocol: UpstreamProtocol,
+        limits: &ConnectionPool,
+        tls: Option<&UpstreamTls>,
+    ) -> Result<Conn, PoolError> {
         match protocol {
-            UpstreamProtocol::Http1 => self.checkout_h1(limits).await,
-            UpstreamProtocol::Http2 => self.checkout_h2(limits).await,
+            UpstreamProtocol::Http1 => self.checkout_h1(limits, tls).await,
+            UpstreamProtocol::Http2 => self.checkout_h2(limits, tls).await,
         }
     }
 
-    async fn checkout_h1(&self, limits: &ConnectionPool) -> Result<Conn, PoolError> {
+    fn sub(&self, secure: bool) -> &SubPool {
+        if secure { &self.inner.mtls } else { &self.inner.plain }
+    }
+
+    async fn checkout_h1(&self, limits: &ConnectionPool, tls: Option<&UpstreamTls>) -> Result<Conn, PoolError> {
+        let secure = tls.is_some();
         let inner = &self.inner;
         // Every count taken below is given back by a guard, also when the caller
         // drops this future (a route or per-try timeout) in the middle of an await.
         loop {
-            if let Some(idle) = self.take_idle(limits) {
+            if let Some(idle) = self.take_idle(limits, secure) {
                 let mut ret = ReturnTo {
                     pool: self.clone(),
+                    secure,
                     sender: Some(idle.sender),
                     used: idle.used,
                     max_requests: limits.max_requests_per_connection,
@@ -136,9 +183,9 @@ impl Pool {
             }
             if inner.open.fetch_add(1, Ordering::AcqRel) < limits.max_connections {
                 let slot = Held { count: &inner.open, released: Some(&inner.released) };
-                let sender = self.connect_h1(limits).await?;
+                let sender = self.connect_h1(limits, tls).await?;
                 slot.keep();
-                return Ok(self.h1_conn(sender, 0, limits));
+                return Ok(self.h1_conn(sender, 0, limits, secure));
             }
             inner.open.fetch_sub(1, Ordering::AcqRel);
             if inner.pending.fetch_add(1, Ordering::AcqRel) >= limits.max_pending_requests {
@@ -154,11 +201,12 @@ impl Pool {
         }
     }
 
-    fn h1_conn(&self, sender: http1::SendRequest<ProxyBody>, used: u32, limits: &ConnectionPool) -> Conn {
+    fn h1_conn(&self, sender: http1::SendRequest<ProxyBody>, used: u32, limits: &ConnectionPool, secure: bool) -> Conn {
         Conn {
             addr: self.inner.addr,
             kind: ConnKind::H1(Some(ReturnTo {
                 pool: self.clone(),
+                secure,
                 sender: Some(sender),
                 used,
                 max_requests: limits.max_requests_per_connection,
@@ -166,32 +214,32 @@ impl Pool {
         }
     }
 
-    async fn checkout_h2(&self, limits: &ConnectionPool) -> Result<Conn, PoolError> {
+    async fn checkout_h2(&self, limits: &ConnectionPool, tls: Option<&UpstreamTls>) -> Result<Conn, PoolError> {
         let existing = {
-            let guard = self.inner.h2.lock().unwrap_or_else(|e| e.into_inner());
+            let guard = self.sub(tls.is_some()).h2.lock().unwrap_or_else(|e| e.into_inner());
             guard.clone()
         };
         let conn = match existing {
             Some(c) if !c.sender.is_closed() && !exhausted(&c.used, limits.max_requests_per_connection) => c,
-            _ => self.new_h2(limits).await?,
+            _ => self.new_h2(limits, tls).await?,
         };
         conn.used.fetch_add(1, Ordering::Relaxed);
         let mut sender = conn.sender;
         if sender.ready().await.is_err() {
-            sender = self.new_h2(limits).await?.sender;
+            sender = self.new_h2(limits, tls).await?.sender;
         }
         Ok(Conn { addr: self.inner.addr, kind: ConnKind::H2(sender) })
     }
 
-    async fn new_h2(&self, limits: &ConnectionPool) -> Result<H2Conn, PoolError> {
-        let sender = self.connect_h2(limits).await?;
+    async fn new_h2(&self, limits: &ConnectionPool, tls: Option<&UpstreamTls>) -> Result<H2Conn, PoolError> {
+        let sender = self.connect_h2(limits, tls).await?;
         let conn = H2Conn { sender, used: Arc::new(AtomicU32::new(0)) };
-        *self.inner.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
+        *self.sub(tls.is_some()).h2.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
         Ok(conn)
     }
 
-    fn take_idle(&self, limits: &ConnectionPool) -> Option<IdleConn> {
-        let mut idle = self.inner.idle.lock().unwrap_or_else(|e| e.into_inner());
+    fn take_idle(&self, limits: &ConnectionPool, secure: bool) -> Option<IdleConn> {
+        let mut idle = self.sub(secure).idle.lock().unwrap_or_else(|e| e.into_inner());
         while let Some(conn) = idle.pop() {
             if conn.sender.is_closed() || conn.since.elapsed() >= limits.idle_timeout {
                 self.close_one();
@@ -207,12 +255,12 @@ impl Pool {
         self.inner.released.notify_one();
     }
 
-    fn give_back(&self, sender: http1::SendRequest<ProxyBody>, used: u32, max_requests: u32) {
+    fn give_back(&self, sender: http1::SendRequest<ProxyBody>, used: u32, max_requests: u32, secure: bool) {
         if sender.is_closed() || (max_requests != 0 && used >= max_requests) {
             self.close_one();
             return;
         }
-        let mut idle = self.inner.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let mut idle = self.sub(secure).idle.lock().unwrap_or_else(|e| e.into_inner());
         idle.push(IdleConn { sender, since: Instant::now(), used });
         drop(idle);
         self.inner.released.notify_one();
@@ -230,9 +278,32 @@ impl Pool {
         }
     }
 
-    async fn connect_h1(&self, limits: &ConnectionPool) -> Result<http1::SendRequest<ProxyBody>, PoolError> {
+    /// TCP, then (with `tls`) the mutual-TLS handshake and the identity check.
+    async fn connect_io(&self, limits: &ConnectionPool, tls: Option<&UpstreamTls>) -> Result<Io, PoolError> {
         let addr = self.inner.addr;
         let stream = self.connect(limits).await?;
+        let Some(tls) = tls else { return Ok(Io::Plain(stream)) };
+        let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+        // Mesh certificates carry a SPIFFE URI, not a name: the verifier ignores it.
+        let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+        let stream = match tokio::time::timeout(limits.connect_timeout, connector.connect(name, stream)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(source)) => return Err(PoolError::Tls { addr, source }),
+            Err(_) => return Err(PoolError::ConnectTimeout { addr }),
+        };
+        let peer = stream.get_ref().1.peer_certificates().unwrap_or_default();
+        serin_certs::verify_peer_identity(peer, &tls.expected)
+            .map_err(|source| PoolError::Identity { addr, source: Box::new(source) })?;
+        Ok(Io::Tls(Box::new(stream)))
+    }
+
+    async fn connect_h1(
+        &self,
+        limits: &ConnectionPool,
+        tls: Option<&UpstreamTls>,
+    ) -> Result<http1::SendRequest<ProxyBody>, PoolError> {
+        let addr = self.inner.addr;
+        let stream = self.connect_io(limits, tls).await?;
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
@@ -245,9 +316,13 @@ impl Pool {
         Ok(sender)
     }
 
-    async fn connect_h2(&self, limits: &ConnectionPool) -> Result<http2::SendRequest<ProxyBody>, PoolError> {
+    async fn connect_h2(
+        &self,
+        limits: &ConnectionPool,
+        tls: Option<&UpstreamTls>,
+    ) -> Result<http2::SendRequest<ProxyBody>, PoolError> {
         let addr = self.inner.addr;
-        let stream = self.connect(limits).await?;
+        let stream = self.connect_io(limits, tls).await?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(hyper_util::rt::TokioTimer::new())
             .handshake(TokioIo::new(stream))
@@ -321,7 +396,16 @@ impl Conn {
                         let upgraded = wants_upgrade || resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
                         // The connection of an upgrade now belongs to the upgraded stream.
                         let ret = if upgraded { None } else { Some(ret) };
-                        Ok(resp.map(|body| PooledBody { inner: body, ret }))
+                        Ok(resp.map(|body| {
+                            let mut body = PooledBody { inner: body, ret };
+                            // A bodiless answer (HEAD, 204, 304, Content-Length: 0) is
+                            // complete already and its body is never polled: give the
+                            // connection back now, not close it on drop.
+                            if body.inner.is_end_stream() {
+                                body.finish();
+                            }
+                            body
+                        }))
                     }
                     Err(e) => {
                         drop(ret);
@@ -351,6 +435,8 @@ impl Drop for Conn {
 #[derive(Debug)]
 struct ReturnTo {
     pool: Pool,
+    /// Which sub-pool it goes back to.
+    secure: bool,
     /// `None` once given back or closed.
     sender: Option<http1::SendRequest<ProxyBody>>,
     used: u32,
@@ -360,7 +446,7 @@ struct ReturnTo {
 impl ReturnTo {
     fn give_back(mut self) {
         if let Some(sender) = self.sender.take() {
-            self.pool.give_back(sender, self.used, self.max_requests);
+            self.pool.give_back(sender, self.used, self.max_requests, self.secure);
         }
     }
 }
@@ -438,6 +524,66 @@ impl Body for PooledBody {
     }
 }
 
+/// An upstream byte stream: plain TCP or mutual TLS over it.
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl tokio::io::AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Io {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -464,17 +610,17 @@ mod tests {
         };
         let pool = Pool::new(addr);
         for _ in 0..3 {
-            let conn = pool.checkout(UpstreamProtocol::Http1, &limits).await.expect("a free slot");
+            let conn = pool.checkout(UpstreamProtocol::Http1, &limits, None).await.expect("a free slot");
             let req = Request::builder().uri("/").body(crate::body::empty()).expect("request");
             let sent = tokio::time::timeout(Duration::from_millis(20), conn.send(req)).await;
             assert!(sent.is_err(), "the silent upstream never answers");
             assert_eq!(pool.connection_counts().0, 0, "the cancelled request's connection is closed");
         }
         // A checkout cancelled while it waits for a slot gives its pending place back.
-        let conn = pool.checkout(UpstreamProtocol::Http1, &limits).await.expect("a free slot");
+        let conn = pool.checkout(UpstreamProtocol::Http1, &limits, None).await.expect("a free slot");
         for _ in 0..3 {
             let waiting =
-                tokio::time::timeout(Duration::from_millis(20), pool.checkout(UpstreamProtocol::Http1, &limits));
+                tokio::time::timeout(Duration::from_millis(20), pool.checkout(UpstreamProtocol::Http1, &limits, None));
             assert!(waiting.await.is_err(), "waits for the only slot");
         }
         assert_eq!(pool.inner.pending.load(Ordering::Relaxed), 0);

@@ -113,6 +113,15 @@ mod tests {
     }
 
     #[test]
+    fn a_new_split_starts_anywhere_in_its_period() {
+        // Each reload compiles new splits: their first picks must not all land on
+        // the same slot, or short runs between reloads skew the shares.
+        let v2 = (0..4_000).filter(|_| shares(&dests(&[95, 5]), 1, SplitMode::Exact)[1] == 1).count();
+        // Binomial(4000, 0.05): mean 200, sigma ≈ 13.8; 6 sigma ≈ 83.
+        assert!((117..=283).contains(&v2), "v2 first in {v2} of 4000 new splits");
+    }
+
+    #[test]
     fn random_is_close() {
         let d = dests(&[95, 5]);
         let v2 = shares(&d, 100_000, SplitMode::Random)[1] as f64 / 100_000.0;

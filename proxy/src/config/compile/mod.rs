@@ -5,6 +5,7 @@
 //! link each VirtualService route to its clusters, add the implicit route of every
 //! service no VirtualService covers. Every error of every step is reported.
 
+pub mod gateway;
 mod registry;
 mod routes;
 
@@ -14,6 +15,7 @@ use std::time::SystemTime;
 use super::error::{ConfigError, ConfigErrors};
 use super::load::ConfigSet;
 use super::validate;
+use crate::security::{ROOT_NAMESPACE, SecurityPolicies};
 use crate::snapshot::{EndpointRegistry, HostPattern, Snapshot};
 
 /// Compiles `set` into a snapshot; `source` labels it (e.g. `file:/etc/serin`).
@@ -67,5 +69,6 @@ pub fn compile(set: &ConfigSet, registry: &EndpointRegistry, source: &str) -> Re
         virtual_hosts,
         clusters,
         services: services.into_iter().map(|(host, s)| (host, s.info)).collect(),
+        security: SecurityPolicies::new(ROOT_NAMESPACE, checked.peer_policies, checked.authz_policies),
     })
 }

@@ -94,7 +94,8 @@ fn single_match_port(matches: &[RequestMatch]) -> Option<u16> {
 }
 
 /// Finds the cluster of a destination; errors name the destination's fields.
-fn link(
+/// (Also used by the gateway compile for `tls[]` destinations.)
+pub(super) fn link(
     origin: &Origin,
     dest: &DestRef,
     match_port: Option<u16>,

@@ -11,11 +11,13 @@ use serde::{Deserialize, Serialize};
 
 mod destination_rule;
 mod gateway;
+mod security;
 mod service_entry;
 mod virtual_service;
 
 pub use destination_rule::*;
 pub use gateway::*;
+pub use security::*;
 pub use service_entry::*;
 pub use virtual_service::*;
 
@@ -85,9 +87,11 @@ pub enum Resource {
     ServiceEntry(Envelope<ServiceEntry>),
     WorkloadEntry(Envelope<WorkloadEntry>),
     Gateway(Envelope<Gateway>),
+    PeerAuthentication(Envelope<PeerAuthentication>),
+    AuthorizationPolicy(Envelope<AuthorizationPolicy>),
     /// An Istio kind serin accepts but does not apply to the sidecar snapshot
-    /// (PeerAuthentication, AuthorizationPolicy, Sidecar, …); its spec is kept
-    /// as is, not validated.
+    /// (Sidecar, RequestAuthentication, Telemetry, …); its spec is kept as is,
+    /// not validated.
     NotApplied(Envelope<serde_json::Value>),
 }
 
@@ -100,6 +104,8 @@ impl Resource {
             Resource::ServiceEntry(r) => &r.metadata,
             Resource::WorkloadEntry(r) => &r.metadata,
             Resource::Gateway(r) => &r.metadata,
+            Resource::PeerAuthentication(r) => &r.metadata,
+            Resource::AuthorizationPolicy(r) => &r.metadata,
             Resource::NotApplied(r) => &r.metadata,
         }
     }
@@ -112,6 +118,8 @@ impl Resource {
             Resource::ServiceEntry(r) => &r.kind,
             Resource::WorkloadEntry(r) => &r.kind,
             Resource::Gateway(r) => &r.kind,
+            Resource::PeerAuthentication(r) => &r.kind,
+            Resource::AuthorizationPolicy(r) => &r.kind,
             Resource::NotApplied(r) => &r.kind,
         }
     }

@@ -8,11 +8,13 @@ pub mod fields;
 pub mod policy;
 pub mod registry;
 pub mod route_extras;
+pub mod security;
 pub mod virtual_service;
 
 use super::error::{ConfigErrors, Sink};
 use super::load::ConfigSet;
 use super::model::Resource;
+use crate::security::{AuthzPolicy, PeerPolicy};
 
 pub use policy::{CheckedDestinationRule, CheckedSubset, PolicyOverlay};
 pub use registry::{CheckedEndpoint, CheckedPort, CheckedServiceEntry};
@@ -25,6 +27,8 @@ pub enum CheckedResource {
     DestinationRule(CheckedDestinationRule),
     ServiceEntry(CheckedServiceEntry),
     WorkloadEntry(CheckedEndpoint),
+    PeerAuthentication(PeerPolicy),
+    AuthorizationPolicy(AuthzPolicy),
     /// Gateway and kinds not applied to the sidecar snapshot.
     Other,
 }
@@ -52,6 +56,12 @@ pub fn check_resource(resource: &Resource, sink: &mut Sink<'_>) -> Option<Checke
             registry::gateway(&r.spec, sink);
             CheckedResource::Other
         }
+        Resource::PeerAuthentication(r) => {
+            CheckedResource::PeerAuthentication(security::peer_authentication(&r.spec, meta, namespace, name, sink))
+        }
+        Resource::AuthorizationPolicy(r) => {
+            CheckedResource::AuthorizationPolicy(security::authorization_policy(&r.spec, meta, namespace, name, sink))
+        }
         Resource::NotApplied(_) => CheckedResource::Other,
     })
 }
@@ -78,6 +88,8 @@ pub struct Checked {
     pub destination_rules: Vec<(Origin, CheckedDestinationRule)>,
     pub service_entries: Vec<(Origin, CheckedServiceEntry)>,
     pub workload_entries: Vec<(Origin, CheckedEndpoint)>,
+    pub peer_policies: Vec<PeerPolicy>,
+    pub authz_policies: Vec<AuthzPolicy>,
 }
 
 /// Checks every resource of `set` (already checked at load; errors here mean the
@@ -93,6 +105,8 @@ pub fn check_set(set: &ConfigSet) -> Result<Checked, ConfigErrors> {
             Some(CheckedResource::DestinationRule(d)) => out.destination_rules.push((origin, d)),
             Some(CheckedResource::ServiceEntry(s)) => out.service_entries.push((origin, s)),
             Some(CheckedResource::WorkloadEntry(w)) => out.workload_entries.push((origin, w)),
+            Some(CheckedResource::PeerAuthentication(p)) => out.peer_policies.push(p),
+            Some(CheckedResource::AuthorizationPolicy(p)) => out.authz_policies.push(p),
             Some(CheckedResource::Other) | None => {}
         }
     }

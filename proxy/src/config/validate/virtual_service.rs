@@ -71,7 +71,13 @@ pub struct CheckedVirtualService {
 
 /// Checks a VirtualService in `namespace`.
 pub fn check(vs: &model::VirtualService, namespace: &str, name: &str, sink: &mut Sink<'_>) -> CheckedVirtualService {
-    sink.unsupported(vs.tls.is_some(), "spec.tls", "serin routes HTTP only; TLS/SNI routes are not implemented");
+    // TLS (SNI) routes are served by `serin gateway` only: a VirtualService that
+    // applies to sidecars must not have them.
+    sink.unsupported(
+        vs.tls.is_some() && applies_to_mesh(&vs.gateways),
+        "spec.tls",
+        "sidecars route HTTP only; TLS/SNI routes are served by `serin gateway` for VirtualServices bound only to gateways",
+    );
     sink.unsupported(vs.tcp.is_some(), "spec.tcp", "serin routes HTTP only; TCP routes are not implemented");
     if vs.hosts.is_empty() {
         sink.push("spec.hosts", "at least one host is required");
@@ -86,6 +92,9 @@ pub fn check(vs: &model::VirtualService, namespace: &str, name: &str, sink: &mut
         if g.is_empty() {
             sink.push(&format!("spec.gateways[{i}]"), "gateway name must not be empty");
         }
+    }
+    if let Some(tls) = vs.tls.as_ref().filter(|_| !applies_to_mesh(&vs.gateways)) {
+        crate::config::compile::gateway::check_tls_routes(tls, namespace, &hosts, sink);
     }
     if vs.http.is_empty() && vs.tls.is_none() && vs.tcp.is_none() {
         sink.push("spec.http", "at least one http route is required");

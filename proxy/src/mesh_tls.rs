@@ -1,0 +1,108 @@
+//! The sidecar's mesh identity as the data path uses it: which upstream
+//! connections are mutual TLS (DestinationRule `ISTIO_MUTUAL`, or Istio's auto-mTLS
+//! when the endpoint carries `security.istio.io/tlsMode: istio`), with which client
+//! config, and which server identities are acceptable.
+
+use std::sync::{Arc, OnceLock};
+
+use arc_swap::ArcSwapOption;
+use serin_certs::{ALPN_HTTP11, CertSource, IdentityBundle, SpiffeId, client_config};
+
+use crate::snapshot::{Cluster, Endpoint, TlsMode};
+use crate::upstream::pool::{PoolError, UpstreamProtocol, UpstreamTls};
+
+/// The endpoint label Istio's injector sets on workloads that have a sidecar.
+pub const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
+
+/// The workload certificate source, once `--cert-dir` gave one.
+#[derive(Default)]
+pub struct MeshIdentity {
+    source: OnceLock<Arc<dyn CertSource>>,
+    /// An HTTP/1.1-only client config for upgrades, built per bundle.
+    http1: ArcSwapOption<(usize, Arc<rustls::ClientConfig>)>,
+}
+
+impl std::fmt::Debug for MeshIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshIdentity").field("configured", &self.source.get().is_some()).finish()
+    }
+}
+
+impl MeshIdentity {
+    /// Installs the certificate source (once, at startup).
+    pub fn set_source(&self, source: Arc<dyn CertSource>) {
+        let _ = self.source.set(source);
+    }
+
+    /// The current bundle, if this proxy has an identity.
+    pub fn bundle(&self) -> Option<Arc<IdentityBundle>> {
+        self.source.get().map(|s| s.current())
+    }
+
+    /// This proxy's SPIFFE ID, if it has one.
+    pub fn spiffe_id(&self) -> Option<SpiffeId> {
+        self.bundle().map(|b| b.identity().spiffe_id().clone())
+    }
+
+    /// The last failed certificate refresh, if any.
+    pub fn last_error(&self) -> Option<String> {
+        self.source.get().and_then(|s| s.last_error())
+    }
+
+    /// The mutual-TLS settings for a connection to `endpoint` of `cluster`, or
+    /// `None` for plaintext. `upgrade` asks for HTTP/1.1 (an upgrade cannot ride
+    /// HTTP/2); otherwise the client offers `h2` first.
+    pub fn upstream_tls(
+        &self,
+        cluster: &Cluster,
+        endpoint: &Endpoint,
+        upgrade: bool,
+    ) -> Result<Option<UpstreamTls>, PoolError> {
+        if !wants_mtls(cluster, endpoint) {
+            return Ok(None);
+        }
+        let bundle = self.bundle().ok_or(PoolError::NoIdentity { addr: endpoint.addr })?;
+        let config = if upgrade { self.http1_config(&bundle)? } else { bundle.client_config().clone() };
+        let trust_domain = bundle.identity().spiffe_id().trust_domain().to_string();
+        let expected = endpoint
+            .service_account
+            .as_deref()
+            .and_then(|sa| SpiffeId::new(&trust_domain, &endpoint.namespace, sa).ok())
+            .into_iter()
+            .collect();
+        Ok(Some(UpstreamTls { config, expected }))
+    }
+
+    fn http1_config(&self, bundle: &Arc<IdentityBundle>) -> Result<Arc<rustls::ClientConfig>, PoolError> {
+        let key = Arc::as_ptr(bundle) as usize;
+        if let Some(cached) = self.http1.load().as_ref()
+            && cached.0 == key
+        {
+            return Ok(cached.1.clone());
+        }
+        let config = client_config(bundle.identity(), &[ALPN_HTTP11]).map_err(|e| PoolError::Tls {
+            addr: ([0, 0, 0, 0], 0).into(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        self.http1.store(Some(Arc::new((key, config.clone()))));
+        Ok(config)
+    }
+}
+
+/// Whether connections to `endpoint` are mutual TLS: the DestinationRule's
+/// `tls.mode: ISTIO_MUTUAL`, or with no `tls` block, Istio's auto-mTLS (the
+/// endpoint has a sidecar). `DISABLE`, `SIMPLE` and `MUTUAL` (TLS origination with
+/// your own certificates, not supported yet) stay plaintext.
+pub fn wants_mtls(cluster: &Cluster, endpoint: &Endpoint) -> bool {
+    match cluster.policy.tls {
+        Some(TlsMode::IstioMutual) => true,
+        Some(_) => false,
+        None => endpoint.label(TLS_MODE_LABEL) == Some("istio"),
+    }
+}
+
+/// The protocol of a mutual-TLS hop: HTTP/2, multiplexing requests on few
+/// connections, except for upgrades.
+pub fn mesh_protocol(upgrade: bool) -> UpstreamProtocol {
+    if upgrade { UpstreamProtocol::Http1 } else { UpstreamProtocol::Http2 }
+}
