@@ -12,9 +12,12 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use hdrhistogram::Histogram;
 
+use serin_certs::{Ca, SpiffeId, write_workload};
+
 use crate::demo_app::{AppConfig, DemoApp};
 use crate::demo_load::{LoadConfig, Outcome, Rate, run_load};
 use crate::sidecar::{self, SidecarArgs};
+use crate::state::Shared;
 use crate::upstream::split::SplitMode;
 
 /// The embedded canary config; `{{ENDPOINTS}}` becomes one WorkloadEntry per pod.
@@ -89,7 +92,7 @@ impl Table {
         let _ = stats.latency.record((o.latency.as_micros() as u64).max(1));
     }
 
-    fn render(&mut self, elapsed: Duration, interval: Duration) -> String {
+    fn render(&mut self, elapsed: Duration, interval: Duration, security: &BTreeMap<String, String>) -> String {
         let total: u64 = self.versions.values().map(|v| v.requests).sum();
         let mut out = String::new();
         let _ = writeln!(
@@ -100,8 +103,8 @@ impl Table {
         );
         let _ = writeln!(
             out,
-            "{:<8} {:>9} {:>7} {:>8} {:>9} {:>9} {:>9}",
-            "version", "requests", "rps", "share", "success", "p50", "p99"
+            "{:<8} {:>9} {:>7} {:>8} {:>9} {:>9} {:>9}  {}",
+            "version", "requests", "rps", "share", "success", "p50", "p99", "security (seen by the pods)"
         );
         for (version, s) in &mut self.versions {
             let rps = (s.requests - s.last_requests) as f64 / interval.as_secs_f64();
@@ -111,7 +114,7 @@ impl Table {
             let p = |q: f64| Duration::from_micros(s.latency.value_at_quantile(q));
             let _ = writeln!(
                 out,
-                "{:<8} {:>9} {:>7.0} {:>7.2}% {:>8.2}% {:>9} {:>9}",
+                "{:<8} {:>9} {:>7.0} {:>7.2}% {:>8.2}% {:>9} {:>9}  {}",
                 version,
                 s.requests,
                 rps,
@@ -119,6 +122,7 @@ impl Table {
                 success,
                 format!("{:.1}ms", p(0.5).as_secs_f64() * 1e3),
                 format!("{:.1}ms", p(0.99).as_secs_f64() * 1e3),
+                security.get(version.as_str()).map_or("-", String::as_str),
             );
         }
         if self.errors > 0 {
@@ -126,6 +130,51 @@ impl Table {
         }
         out
     }
+}
+
+/// PeerAuthentication for the payment pods' sidecars: mutual TLS only.
+const STRICT_MTLS: &str = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: default\n  namespace: default\nspec:\n  mtls:\n    mode: STRICT\n";
+
+/// Per version, the `connection_security_policy` the payment pods' sidecars
+/// report (`reporter="destination"`) with its share of their requests.
+fn security_by_version(pods: &[Pod]) -> BTreeMap<String, String> {
+    let mut counts: BTreeMap<&str, BTreeMap<String, f64>> = BTreeMap::new();
+    for pod in pods {
+        let text = pod.sidecar.metrics.encode();
+        for line in
+            text.lines().filter(|l| l.starts_with("istio_requests_total{") && l.contains("reporter=\"destination\""))
+        {
+            let policy = label(line, "connection_security_policy").unwrap_or("unknown").to_string();
+            let value = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+            *counts.entry(pod.version).or_default().entry(policy).or_default() += value;
+        }
+    }
+    counts
+        .into_iter()
+        .map(|(version, by_policy)| {
+            let total: f64 = by_policy.values().sum();
+            let text: Vec<String> =
+                by_policy.iter().map(|(p, n)| format!("{p} {:.0}%", 100.0 * n / total.max(1.0))).collect();
+            (version.to_string(), text.join(", "))
+        })
+        .collect()
+}
+
+/// The value of `name` in one Prometheus sample line.
+fn label<'l>(line: &'l str, name: &str) -> Option<&'l str> {
+    line.split(&format!("{name}=\"")).nth(1)?.split('"').next()
+}
+
+/// Whether a plaintext request straight to a STRICT sidecar is refused.
+async fn plaintext_refused(inbound: std::net::SocketAddr) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut stream) = tokio::net::TcpStream::connect(inbound).await else { return true };
+    if stream.write_all(b"GET / HTTP/1.1\r\nHost: payment\r\n\r\n").await.is_err() {
+        return true;
+    }
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(3), stream.read(&mut buf)).await;
+    matches!(read, Ok(Ok(0)) | Ok(Err(_)))
 }
 
 /// One line of the sidecar's own `istio_requests_total` per destination version,
@@ -145,13 +194,13 @@ fn sidecar_counts(metrics: &str) -> String {
     )
 }
 
-/// The config text for the given pods: `(version, address)` pairs.
+/// The config text for the given pods: `(version, address of the pod's inbound sidecar)` pairs.
 pub fn render_config(pods: &[(&str, std::net::SocketAddr)]) -> String {
     let mut entries = String::new();
     for (i, (version, addr)) in pods.iter().enumerate() {
         let _ = write!(
             entries,
-            "---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata:\n  name: payment-{version}-{i}\n  namespace: default\nspec:\n  address: {}\n  ports:\n    http: {}\n  labels:\n    app: payment\n    version: {version}\n",
+            "---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata:\n  name: payment-{version}-{i}\n  namespace: default\nspec:\n  address: {}\n  ports:\n    http: {}\n  serviceAccount: payment\n  labels:\n    app: payment\n    version: {version}\n    security.istio.io/tlsMode: istio\n",
             addr.ip(),
             addr.port()
         );
@@ -159,12 +208,67 @@ pub fn render_config(pods: &[(&str, std::net::SocketAddr)]) -> String {
     TEMPLATE.replace("{{ENDPOINTS}}\n", &entries)
 }
 
+/// One payment pod: its app and the sidecar beside it (inbound, STRICT mTLS).
+struct Pod {
+    version: &'static str,
+    app: DemoApp,
+    sidecar: Arc<Shared>,
+    inbound: std::net::SocketAddr,
+    data: tokio::task::JoinHandle<()>,
+}
+
+/// Options of a demo sidecar on loopback with ephemeral ports.
+fn sidecar_args(config: PathBuf, cert_dir: PathBuf, workload: &str, app_label: &str, version: &str) -> SidecarArgs {
+    let any: std::net::SocketAddr = ([127, 0, 0, 1], 0).into();
+    SidecarArgs {
+        config: Some(config),
+        outbound: any,
+        inbound: any,
+        app: ([127, 0, 0, 1], 8080).into(),
+        admin: any,
+        metrics: any,
+        health: any,
+        workload: workload.into(),
+        namespace: "default".into(),
+        app_label: app_label.into(),
+        app_version: version.into(),
+        no_access_log: true,
+        cert_dir: Some(cert_dir),
+        split: SplitMode::Exact,
+        drain_timeout: Duration::from_secs(2),
+    }
+}
+
+/// Issues `spiffe://cluster.local/ns/default/sa/<sa>` from `ca` into `dir/<sa>`.
+fn issue_identity(ca: &Ca, dir: &std::path::Path, sa: &str) -> anyhow::Result<PathBuf> {
+    let id: SpiffeId = format!("spiffe://cluster.local/ns/default/sa/{sa}").parse()?;
+    let cert = ca.issue(&id, serin_certs::DEFAULT_WORKLOAD_LIFETIME)?;
+    let out = dir.join("identities").join(sa);
+    write_workload(&out, &cert)?;
+    Ok(out)
+}
+
 /// Runs the demo until Ctrl-C or `--duration`.
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
-    let mut apps = Vec::new();
+    let dir = match &args.dir {
+        Some(d) => d.clone(),
+        None => std::env::temp_dir().join(format!("serin-demo-{}", std::process::id())),
+    };
+    let frontend_config = dir.join("frontend");
+    let payment_config = dir.join("payment");
+    for d in [&frontend_config, &payment_config] {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    // The mesh CA and one identity per service account, as `serin ca` would make them.
+    let ca = Ca::generate("cluster.local").context("creating the demo mesh CA")?;
+    let frontend_id = issue_identity(&ca, &dir, "frontend")?;
+    let payment_id = issue_identity(&ca, &dir, "payment")?;
+    std::fs::write(payment_config.join("peer-authentication.yaml"), STRICT_MTLS)
+        .with_context(|| format!("writing {}", payment_config.display()))?;
+
     let mut pods = Vec::new();
     for (version, count) in [("v1", 3), ("v2", 1)] {
-        for _ in 0..count {
+        for i in 0..count {
             let mut cfg = AppConfig::new("payment", version);
             if version == "v2" {
                 cfg.error_rate = args.v2_error_rate;
@@ -172,44 +276,37 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             } else {
                 cfg.latency = Duration::from_millis(2);
             }
-            let app = DemoApp::start("127.0.0.1:0".parse()?, cfg).await.context("starting a demo upstream")?;
-            pods.push((version, app.addr()));
-            apps.push(app);
+            let app = DemoApp::start(([127, 0, 0, 1], 0).into(), cfg).await.context("starting a demo upstream")?;
+            let mut pod_args = sidecar_args(
+                payment_config.clone(),
+                payment_id.clone(),
+                &format!("payment-{version}-{i}"),
+                "payment",
+                version,
+            );
+            pod_args.app = app.addr();
+            let (sidecar, bound, data) = sidecar::start(&pod_args).await?;
+            pods.push(Pod { version, app, sidecar, inbound: bound.inbound, data });
         }
     }
-    let dir = match &args.dir {
-        Some(d) => d.clone(),
-        None => std::env::temp_dir().join(format!("serin-demo-{}", std::process::id())),
-    };
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let config_path = dir.join("payment.yaml");
-    std::fs::write(&config_path, render_config(&pods)).with_context(|| format!("writing {}", config_path.display()))?;
+    let endpoints: Vec<(&str, std::net::SocketAddr)> = pods.iter().map(|p| (p.version, p.inbound)).collect();
+    let config_path = frontend_config.join("payment.yaml");
+    std::fs::write(&config_path, render_config(&endpoints))
+        .with_context(|| format!("writing {}", config_path.display()))?;
+    let (shared, bound, data) =
+        sidecar::start(&sidecar_args(frontend_config.clone(), frontend_id, "frontend", "frontend", "v1")).await?;
 
-    let any = "127.0.0.1:0".parse()?;
-    let sidecar_args = SidecarArgs {
-        config: Some(dir.clone()),
-        outbound: any,
-        inbound: any,
-        app: "127.0.0.1:8080".parse()?,
-        admin: any,
-        metrics: any,
-        health: any,
-        workload: "frontend".into(),
-        namespace: "default".into(),
-        app_label: "frontend".into(),
-        app_version: "v1".into(),
-        no_access_log: true,
-        cert_dir: None,
-        split: SplitMode::Exact,
-        drain_timeout: Duration::from_secs(2),
-    };
-    let (shared, bound, data) = sidecar::start(&sidecar_args).await?;
-    println!("serin demo: payment v1 ×3 (stable) and v2 ×1 (canary) behind a sidecar, 95/5");
-    println!("  sidecar outbound  http://{}/   (Host: payment)", bound.outbound);
+    println!("serin demo: payment v1 ×3 (stable) and v2 ×1 (canary), a sidecar beside every pod, 95/5");
+    println!("  frontend sidecar  http://{}/   (Host: payment)  → mutual TLS → payment sidecars", bound.outbound);
     println!("  metrics           http://{}/stats/prometheus", bound.metrics);
     println!("  admin             http://{}/config_dump   /clusters", bound.admin);
     println!("  config            {}   (edit the weights: the sidecar reloads it)", config_path.display());
     println!("  try               curl -H 'Host: payment' -H 'x-canary: always' http://{}/", bound.outbound);
+    let refused = plaintext_refused(pods[0].inbound).await;
+    println!(
+        "  plaintext to payment-v1-0's sidecar (PeerAuthentication STRICT): {}",
+        if refused { "refused" } else { "NOT refused (unexpected)" }
+    );
 
     let table = Arc::new(Mutex::new(Table::default()));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -230,7 +327,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = ticker.tick() => {
-                let text = table.lock().unwrap_or_else(|e| e.into_inner()).render(started.elapsed(), interval);
+                let security = security_by_version(&pods);
+                let text = table.lock().unwrap_or_else(|e| e.into_inner()).render(started.elapsed(), interval, &security);
                 print!("{text}{}", sidecar_counts(&shared.metrics.encode()));
                 if deadline.is_some_and(|d| Instant::now() >= d) {
                     break;
@@ -243,12 +341,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let _ = load_task.await;
     shared.drain.trigger();
     let _ = tokio::time::timeout(Duration::from_secs(3), data).await;
-    for app in apps {
-        app.shutdown().await;
+    for pod in pods {
+        pod.sidecar.drain.trigger();
+        let _ = tokio::time::timeout(Duration::from_secs(3), pod.data).await;
+        pod.app.shutdown().await;
     }
     if args.dir.is_none() {
         let _ = std::fs::remove_dir_all(&dir);
     }
-    println!("serin demo: stopped every upstream, the sidecar and the load");
+    println!("serin demo: stopped every upstream, the sidecars and the load");
     Ok(())
 }

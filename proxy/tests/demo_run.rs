@@ -1,5 +1,5 @@
 //! `serin demo` as a newcomer runs it: a process that shows both versions with
-//! the 95/5 split in its table, and stops everything it started.
+//! the 95/5 split and mutual TLS in its table, and stops everything it started.
 
 use std::process::Command;
 
@@ -22,5 +22,9 @@ fn demo_shows_the_split_and_stops_cleanly() {
     assert!((share(&v2) - 5.0).abs() <= 100.0 / total + 0.01, "v2 share {} of {total}", share(&v2));
     assert!(share(&v1) > 94.0);
     assert!(stdout.contains("sidecar metrics: istio_requests_total"));
-    assert!(stdout.contains("stopped every upstream, the sidecar and the load"));
+    assert!(stdout.contains("stopped every upstream, the sidecars and the load"));
+    // Every hop to the pods is mutual TLS, and plaintext to a STRICT pod is refused.
+    assert!(v1.join(" ").ends_with("mutual_tls 100%"), "v1 row: {v1:?}");
+    assert!(v2.join(" ").ends_with("mutual_tls 100%"), "v2 row: {v2:?}");
+    assert!(stdout.contains("(PeerAuthentication STRICT): refused"), "{stdout}");
 }
