@@ -103,8 +103,8 @@ impl Table {
         );
         let _ = writeln!(
             out,
-            "{:<8} {:>9} {:>7} {:>8} {:>9} {:>9} {:>9}  {}",
-            "version", "requests", "rps", "share", "success", "p50", "p99", "security (seen by the pods)"
+            "{:<8} {:>9} {:>7} {:>8} {:>9} {:>9} {:>9}  security (seen by the pods)",
+            "version", "requests", "rps", "share", "success", "p50", "p99"
         );
         for (version, s) in &mut self.versions {
             let rps = (s.requests - s.last_requests) as f64 / interval.as_secs_f64();

@@ -298,8 +298,8 @@ fn sorted_clusters(snapshot: &Snapshot) -> Vec<&Cluster> {
     clusters
 }
 
-/// `/config_dump`: the running snapshot and the last rejected update, fields in
-/// reading order.
+/// `/config_dump`: the running snapshot, the last rejected update and the workload
+/// identity, fields in reading order.
 #[derive(Debug, Serialize)]
 pub struct ConfigDump {
     /// The snapshot's version.
@@ -316,9 +316,27 @@ pub struct ConfigDump {
     pub clusters: Vec<Value>,
     /// Registry services (by host).
     pub services: Vec<Value>,
+    /// The workload identity (`--cert-dir`): `{spiffe_id, serial, not_before,
+    /// not_after, last_error}`, or null when the proxy has none. `last_error` is the
+    /// last failed certificate reload (the previous certificate keeps serving), or
+    /// null.
+    pub identity: Value,
 }
 
-/// The running snapshot and the last rejected update.
+/// The `identity` section of `/config_dump`.
+fn identity(shared: &Shared) -> Value {
+    let Some(bundle) = shared.mesh.bundle() else { return Value::Null };
+    let id = bundle.identity();
+    json!({
+        "spiffe_id": id.spiffe_id().to_string(),
+        "serial": id.serial(),
+        "not_before": time(id.not_before()),
+        "not_after": time(id.not_after()),
+        "last_error": shared.mesh.last_error(),
+    })
+}
+
+/// The running snapshot, the last rejected update and the workload identity.
 pub fn config_dump(shared: &Shared) -> ConfigDump {
     let snapshot = shared.snapshot.load();
     let rejected = shared.rejected.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -333,6 +351,7 @@ pub fn config_dump(shared: &Shared) -> ConfigDump {
         virtual_hosts: snapshot.virtual_hosts.iter().map(virtual_host).collect(),
         clusters: sorted_clusters(&snapshot).into_iter().map(cluster).collect(),
         services: services.into_iter().map(service).collect(),
+        identity: identity(shared),
     }
 }
 
