@@ -46,7 +46,7 @@ pub(crate) fn read_file(path: &Path) -> Result<Vec<u8>, CertError> {
 pub(crate) fn parse_certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, CertError> {
     let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| CertError::NotPem { path: path.to_path_buf(), reason: e.to_string() })?;
+        .map_err(|e| CertError::NotPem { path: path.to_path_buf(), reason: pem_reason(e) })?;
     if certs.is_empty() {
         return Err(CertError::NotPem { path: path.to_path_buf(), reason: "no CERTIFICATE block found".into() });
     }
@@ -60,10 +60,26 @@ pub(crate) fn parse_key(path: &Path, pem: &[u8]) -> Result<PrivateKeyDer<'static
             rustls_pki_types::pem::Error::NoItemsFound => {
                 "no PRIVATE KEY, RSA PRIVATE KEY or EC PRIVATE KEY block found".to_string()
             }
-            other => other.to_string(),
+            other => pem_reason(other),
         };
         CertError::NotPem { path: path.to_path_buf(), reason }
     })
+}
+
+/// A PEM parse error as text. The markers and lines the parser quotes are bytes, which its
+/// own `Display` prints as a list of numbers; here they are text.
+fn pem_reason(e: rustls_pki_types::pem::Error) -> String {
+    use rustls_pki_types::pem::Error;
+    match e {
+        Error::MissingSectionEnd { end_marker } => {
+            let label = String::from_utf8_lossy(&end_marker);
+            format!("missing the \"-----END {}-----\" line (truncated file?)", label.trim())
+        }
+        Error::IllegalSectionStart { line } => {
+            format!("malformed BEGIN line {:?}", String::from_utf8_lossy(&line).trim())
+        }
+        other => other.to_string(),
+    }
 }
 
 /// Parses a DER certificate with x509-parser; the error names `path`.

@@ -18,8 +18,10 @@ pub const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
 #[derive(Default)]
 pub struct MeshIdentity {
     source: OnceLock<Arc<dyn CertSource>>,
-    /// An HTTP/1.1-only client config for upgrades, built per bundle.
-    http1: ArcSwapOption<(usize, Arc<rustls::ClientConfig>)>,
+    /// An HTTP/1.1-only client config for upgrades, built per bundle. The bundle
+    /// itself is kept (not its address): a freed bundle's address can be reused by
+    /// the next one, which would then get the old certificate's config.
+    http1: ArcSwapOption<(Arc<IdentityBundle>, Arc<rustls::ClientConfig>)>,
 }
 
 impl std::fmt::Debug for MeshIdentity {
@@ -74,9 +76,8 @@ impl MeshIdentity {
     }
 
     fn http1_config(&self, bundle: &Arc<IdentityBundle>) -> Result<Arc<rustls::ClientConfig>, PoolError> {
-        let key = Arc::as_ptr(bundle) as usize;
         if let Some(cached) = self.http1.load().as_ref()
-            && cached.0 == key
+            && Arc::ptr_eq(&cached.0, bundle)
         {
             return Ok(cached.1.clone());
         }
@@ -84,7 +85,7 @@ impl MeshIdentity {
             addr: ([0, 0, 0, 0], 0).into(),
             source: std::io::Error::other(e.to_string()),
         })?;
-        self.http1.store(Some(Arc::new((key, config.clone()))));
+        self.http1.store(Some(Arc::new((bundle.clone(), config.clone()))));
         Ok(config)
     }
 }
