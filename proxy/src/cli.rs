@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 use crate::demo::DemoArgs;
 use crate::demo_app::UpstreamArgs;
+use crate::gateway::GatewayArgs;
 use crate::sidecar::SidecarArgs;
 
 /// serin: a service-mesh sidecar proxy for canary releases, configured with
@@ -23,6 +24,8 @@ pub struct Cli {
 pub enum Command {
     /// Run a sidecar proxy beside a workload (outbound, admin, metrics, health).
     Sidecar(Box<SidecarArgs>),
+    /// Run an ingress gateway: Istio Gateway resources with their VirtualServices (HTTP, HTTPS SIMPLE/MUTUAL, TLS passthrough).
+    Gateway(Box<GatewayArgs>),
     /// Check Istio YAML files as `istioctl validate` does; exit 1 on any error.
     Validate {
         /// Files or folders of Istio resources.
@@ -70,6 +73,7 @@ pub fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Sidecar(args) => crate::sidecar::run(*args).await,
+            Command::Gateway(args) => crate::gateway::run(*args).await,
             Command::Upstream(args) => crate::demo_app::run_upstream(args).await,
             Command::Demo(args) => crate::demo::run(*args).await,
             Command::Validate { .. } | Command::Ca { .. } => Ok(()),

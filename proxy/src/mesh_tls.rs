@@ -3,7 +3,6 @@
 //! when the endpoint carries `security.istio.io/tlsMode: istio`), with which client
 //! config, and which server identities are acceptable.
 
-use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwapOption;
@@ -22,7 +21,7 @@ pub struct MeshIdentity {
     /// An HTTP/1.1-only client config for upgrades, built per bundle. The bundle
     /// itself is kept (not its address): a freed bundle's address can be reused by
     /// the next one, which would then get the old certificate's config.
-    http1: ArcSwapOption<(usize, Arc<rustls::ClientConfig>)>,
+    http1: ArcSwapOption<(Arc<IdentityBundle>, Arc<rustls::ClientConfig>)>,
 }
 
 impl std::fmt::Debug for MeshIdentity {
@@ -65,7 +64,7 @@ impl MeshIdentity {
             return Ok(None);
         }
         let bundle = self.bundle().ok_or(PoolError::NoIdentity { addr: endpoint.addr })?;
-        let config = if upgrade { self.http1_config(&bundle, endpoint.addr)? } else { bundle.client_config().clone() };
+        let config = if upgrade { self.http1_config(&bundle)? } else { bundle.client_config().clone() };
         let trust_domain = bundle.identity().spiffe_id().trust_domain().to_string();
         let expected = endpoint
             .service_account
@@ -76,16 +75,17 @@ impl MeshIdentity {
         Ok(Some(UpstreamTls { config, expected }))
     }
 
-    fn http1_config(&self, bundle: &Arc<IdentityBundle>, addr: SocketAddr) -> Result<Arc<rustls::ClientConfig>, PoolError> {
-        let key = Arc::as_ptr(bundle) as usize;
+    fn http1_config(&self, bundle: &Arc<IdentityBundle>) -> Result<Arc<rustls::ClientConfig>, PoolError> {
         if let Some(cached) = self.http1.load().as_ref()
-            && cached.0 == key
+            && Arc::ptr_eq(&cached.0, bundle)
         {
             return Ok(cached.1.clone());
         }
-        let config = client_config(bundle.identity(), &[ALPN_HTTP11])
-            .map_err(|e| PoolError::Tls { addr, source: std::io::Error::other(e) })?;
-        self.http1.store(Some(Arc::new((key, config.clone()))));
+        let config = client_config(bundle.identity(), &[ALPN_HTTP11]).map_err(|e| PoolError::Tls {
+            addr: ([0, 0, 0, 0], 0).into(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        self.http1.store(Some(Arc::new((bundle.clone(), config.clone()))));
         Ok(config)
     }
 }

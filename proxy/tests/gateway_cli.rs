@@ -1,9 +1,6 @@
 //! `serin gateway` as a real process: ports mapped with `--listen`, the bound
 //! addresses read from the `gateway ready` log line, an HTTPS request with curl,
 //! drain on SIGTERM; a missing certificate file fails the start, naming it.
-//!
-//! Ignored until `src/cli.rs` wires the `gateway` subcommand; then remove the
-//! `#[ignore]` lines.
 
 mod gateway_support;
 
@@ -21,7 +18,6 @@ fn serin() -> Command {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs `serin gateway` wired in src/cli.rs"]
 async fn serves_https_and_drains_on_sigterm() {
     let dir = TempDir::new("cli");
     let pki = Pki::new("cli CA");
@@ -88,7 +84,6 @@ spec:
 }
 
 #[test]
-#[ignore = "needs `serin gateway` wired in src/cli.rs"]
 fn a_missing_certificate_fails_the_start() {
     let dir = TempDir::new("cli-bad");
     let path = dir.write(

@@ -56,7 +56,12 @@ async fn unusable_identity_files_are_a_startup_error_naming_the_file() {
             KEY_FILE,
             "cannot read",
         ),
-        ("key.pem is missing", Box::new(|dir: &Path| std::fs::remove_file(dir.join(KEY_FILE)).expect("rm")), KEY_FILE, "missing"),
+        (
+            "key.pem is missing",
+            Box::new(|dir: &Path| std::fs::remove_file(dir.join(KEY_FILE)).expect("rm")),
+            KEY_FILE,
+            "missing",
+        ),
         ("key.pem is not a key", write(KEY_FILE, "not a key\n"), KEY_FILE, "not PEM"),
         (
             "key.pem belongs to another certificate",
@@ -86,14 +91,23 @@ async fn unusable_identity_files_are_a_startup_error_naming_the_file() {
             ROOT_CERT_FILE,
             "does not chain",
         ),
-        ("root-cert.pem is garbage", write(ROOT_CERT_FILE, "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"), ROOT_CERT_FILE, "bad certificate"),
+        (
+            "root-cert.pem is garbage",
+            write(ROOT_CERT_FILE, "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"),
+            ROOT_CERT_FILE,
+            "bad certificate",
+        ),
     ];
     for (what, spoil, file, problem) in cases {
         let dir = cert_dir(&good);
         spoil(dir.path());
         let error = startup_error(dir.path()).await;
         let path = dir.path().join(file);
-        assert!(error.contains(&path.display().to_string()), "{what}: the error does not name {}: {error}", path.display());
+        assert!(
+            error.contains(&path.display().to_string()),
+            "{what}: the error does not name {}: {error}",
+            path.display()
+        );
         assert!(error.contains(problem), "{what}: the error does not say {problem:?}: {error}");
     }
 
@@ -314,7 +328,11 @@ async fn tls_garbage_is_dropped_without_affecting_other_clients() {
     let statuses = chain.await.expect("chain client");
     let direct = direct.await.expect("direct client");
     assert!(statuses.len() >= 20, "only {} requests through the chain", statuses.len());
-    assert!(statuses.iter().all(|s| *s == Ok(200)), "{:?}", statuses.iter().filter(|s| **s != Ok(200)).collect::<Vec<_>>());
+    assert!(
+        statuses.iter().all(|s| *s == Ok(200)),
+        "{:?}",
+        statuses.iter().filter(|s| **s != Ok(200)).collect::<Vec<_>>()
+    );
     assert!(!direct.is_empty() && direct.iter().all(|ok| *ok), "direct mTLS clients: {direct:?}");
 
     // Every garbage connection was refused and counted; closing the silent one

@@ -93,8 +93,7 @@ async fn websocket_through_the_mtls_chain() {
     let mut sockets = Vec::new();
     for _ in 0..2 {
         let stream = tokio::net::TcpStream::connect(m.frontend.bound.outbound).await.expect("connect");
-        let (ws, resp) =
-            tokio_tungstenite::client_async("ws://payment/ws", stream).await.expect("WebSocket handshake");
+        let (ws, resp) = tokio_tungstenite::client_async("ws://payment/ws", stream).await.expect("WebSocket handshake");
         assert_eq!(resp.status(), 101);
         assert_eq!(resp.headers().get("x-version").map(|v| v.as_bytes()), Some(&b"v1"[..]));
         sockets.push(ws);
@@ -128,7 +127,9 @@ async fn websocket_through_the_mtls_chain() {
     ];
     let text = wait_metric(&m.payment.sidecar, "istio_requests_total", &labels, 2.0).await;
     assert_eq!(metric_sum(&text, "istio_requests_total", &labels), 2.0, "{text}");
-    m.frontend.wait_metric("istio_requests_total", None, &[("reporter", "source"), ("response_code", "101")], 2.0).await;
+    m.frontend
+        .wait_metric("istio_requests_total", None, &[("reporter", "source"), ("response_code", "101")], 2.0)
+        .await;
 
     // Plain requests still work on the chain afterwards.
     let (status, _, body) = get(m.frontend.bound.outbound, "payment", "/", &[]).await.expect("GET");

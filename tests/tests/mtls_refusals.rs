@@ -1,5 +1,6 @@
 //! Peers the mesh must refuse (issue 3, item 8): a client certificate from another
-//! CA, expired or not yet valid is refused by the inbound handshake and counted;
+//! CA, expired or not yet valid (or none at all) is refused by the inbound
+//! handshake and counted;
 //! a payment sidecar presenting an expired, not-yet-valid or foreign certificate
 //! makes the frontend answer 503 with flag UF. (A wrong identity from the right
 //! CA is covered in `mtls.rs`.)
@@ -22,7 +23,7 @@ async fn wait_refused(sidecar: &Sidecar, n: f64) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn inbound_refuses_foreign_expired_and_not_yet_valid_client_certificates() {
+async fn inbound_refuses_foreign_expired_not_yet_valid_and_missing_client_certificates() {
     let m = mesh(&[STRICT.to_string()], &[]).await;
     let inbound = m.payment.sidecar.bound.inbound;
     let mesh_identity = issue(&m.ca, "frontend").to_identity().expect("identity");
@@ -37,21 +38,36 @@ async fn inbound_refuses_foreign_expired_and_not_yet_valid_client_certificates()
         ("expired", issue_between(&m.ca, "frontend", -7200, -3600)),
         ("not yet valid", issue_between(&m.ca, "frontend", 3600, 7200)),
     ];
-    for (n, (what, cert)) in cases.iter().enumerate() {
+    let mut refused = 0.0;
+    for (what, cert) in &cases {
         // The client trusts the mesh roots (so it accepts the server) and presents
-        // the bad certificate.
+        // the bad certificate, over TLS 1.3 and over TLS 1.2.
         let present = cert.to_identity().expect("identity");
-        let exchange = tls_get(inbound, client_presenting(&mesh_identity, &present)).await;
-        assert!(exchange.response.is_err(), "{what}: a refused client got an answer: {:?}", exchange.response);
-        wait_refused(&m.payment.sidecar, (n + 1) as f64).await;
+        for (version, config) in [
+            ("TLS 1.3", client_presenting(&mesh_identity, &present)),
+            ("TLS 1.2", tls12_client_presenting(&mesh_identity, &present)),
+        ] {
+            let exchange = tls_get(inbound, config).await;
+            assert!(exchange.response.is_err(), "{what}, {version}: a refused client got an answer: {exchange:?}");
+            refused += 1.0;
+            wait_refused(&m.payment.sidecar, refused).await;
+        }
     }
 
-    // Nothing reached the app, and the good client still gets through.
+    // A TLS client with no certificate at all.
+    let exchange = tls_get(inbound, client_without_certificate(&mesh_identity)).await;
+    assert!(exchange.response.is_err(), "a client without a certificate got an answer: {exchange:?}");
+    refused += 1.0;
+    wait_refused(&m.payment.sidecar, refused).await;
+
+    // Nothing reached the app, and good clients still get through, TLS 1.2 too.
     let metrics = m.payment.sidecar.scrape().await;
     assert_eq!(metric_sum(&metrics, "istio_requests_total", &[("reporter", "destination")]), 1.0, "{metrics}");
     let good = tls_get(inbound, client_presenting(&mesh_identity, &mesh_identity)).await;
     assert!(good.ok(), "{:?}", good.response);
-    wait_refused(&m.payment.sidecar, 3.0).await;
+    let good = tls_get(inbound, tls12_client_presenting(&mesh_identity, &mesh_identity)).await;
+    assert!(good.ok(), "TLS 1.2: {:?}", good.response);
+    wait_refused(&m.payment.sidecar, refused).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -123,9 +123,7 @@ async fn wait_dump_serial(sidecar: &Sidecar, serial: &str) -> serde_json::Value 
 
 /// A WebSocket through the frontend to the payment app (an HTTP/1.1 upgrade over
 /// its own mTLS connection).
-async fn websocket(
-    m: &Mesh,
-) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
+async fn websocket(m: &Mesh) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
     let stream = tokio::net::TcpStream::connect(m.frontend.bound.outbound).await.expect("connect");
     let (ws, resp) = tokio_tungstenite::client_async("ws://payment/ws", stream).await.expect("WebSocket handshake");
     assert_eq!(resp.status(), 101);
@@ -196,7 +194,12 @@ async fn rotation_under_load_loses_no_request_and_new_handshakes_present_the_new
     // The load keeps going on its keep-alive connections after the rotation.
     load.wait_more(200).await;
     let (total, failures) = load.finish().await;
-    assert!(failures.is_empty(), "{} of {total} requests failed: {:?}", failures.len(), &failures[..failures.len().min(5)]);
+    assert!(
+        failures.is_empty(),
+        "{} of {total} requests failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
 
     // Existing connections were not cut: the frontend's pooled HTTP/2 connection to
     // the payment sidecar still carries requests, with the certificate it was
@@ -249,7 +252,12 @@ async fn rotation_with_connection_churn_new_upstream_connections_present_the_new
 
     load.wait_more(200).await;
     let (total, failures) = load.finish().await;
-    assert!(failures.is_empty(), "{} of {total} requests failed: {:?}", failures.len(), &failures[..failures.len().min(5)]);
+    assert!(
+        failures.is_empty(),
+        "{} of {total} requests failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
     let metrics = m.payment.sidecar.scrape().await;
     assert_eq!(metric_sum(&metrics, "serin_inbound_connections_refused_total", &[]), 0.0, "{metrics}");
 }
@@ -283,4 +291,61 @@ async fn upgrade_connections_present_the_current_certificate_after_each_rotation
             "round {round}: an upgrade used an old certificate"
         );
     }
+}
+
+/// Writes `cert` with the trust bundle `roots_pem` into `dir`; waits until
+/// `sidecar`'s `/config_dump` shows the new serial.
+async fn install(sidecar: &Sidecar, dir: &std::path::Path, cert: &serin_certs::IssuedCert, roots_pem: &str) {
+    serin_certs::write_workload_pem(dir, cert.key_pem.as_bytes(), cert.chain_pem().as_bytes(), roots_pem.as_bytes())
+        .expect("write identity");
+    let identity = serin_certs::WorkloadIdentity::from_pem(
+        cert.key_pem.as_bytes(),
+        cert.chain_pem().as_bytes(),
+        roots_pem.as_bytes(),
+    )
+    .expect("identity");
+    let dump = wait_dump_serial(sidecar, identity.serial()).await;
+    assert_eq!(dump["last_error"], serde_json::Value::Null, "{dump}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_rotation_through_a_two_root_bundle_loses_no_request() {
+    // New upstream connections all along (every 10 requests), so handshakes
+    // between old and new certificates happen while the roots change.
+    let churn = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: payment, namespace: default}\nspec:\n  host: payment.default.svc.cluster.local\n  trafficPolicy:\n    connectionPool: {http: {maxRequestsPerConnection: 10}}\n";
+    let m = mesh(&[STRICT.to_string()], &[churn.to_string()]).await;
+    let new_ca = serin_certs::Ca::generate("cluster.local").expect("new ca");
+    let both = format!("{}{}", m.ca.roots_pem(), new_ca.roots_pem());
+    let load = Load::start(m.frontend.bound.outbound);
+    load.wait_more(50).await;
+
+    // 1. Both sidecars trust both roots (leaves still from the old CA).
+    install(&m.payment.sidecar, m.payment_dir.path(), &issue(&m.ca, "payment"), &both).await;
+    install(&m.frontend, m.frontend_dir.path(), &issue(&m.ca, "frontend"), &both).await;
+    load.wait_more(50).await;
+    // 2. Leaves from the new CA, one side after the other.
+    let new_payment = issue(&new_ca, "payment");
+    install(&m.payment.sidecar, m.payment_dir.path(), &new_payment, &both).await;
+    load.wait_more(50).await;
+    install(&m.frontend, m.frontend_dir.path(), &issue(&new_ca, "frontend"), &both).await;
+    load.wait_more(50).await;
+    // 3. The old root is dropped.
+    let only_new = new_ca.roots_pem();
+    install(&m.payment.sidecar, m.payment_dir.path(), &issue(&new_ca, "payment"), &only_new).await;
+    install(&m.frontend, m.frontend_dir.path(), &issue(&new_ca, "frontend"), &only_new).await;
+    load.wait_more(50).await;
+
+    let (total, failures) = load.finish().await;
+    assert!(
+        failures.is_empty(),
+        "{} of {total} requests failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    // A client of the new CA only is accepted; one of the old CA is not any more.
+    let exchange = tls_get(m.payment.sidecar.bound.inbound, mesh_client(&issue(&new_ca, "probe"))).await;
+    assert!(exchange.ok(), "{:?}", exchange.response);
+    let exchange = tls_get(m.payment.sidecar.bound.inbound, mesh_client(&issue(&m.ca, "probe"))).await;
+    assert!(exchange.response.is_err(), "a client of the dropped root got through: {exchange:?}");
+    let _ = new_payment;
 }

@@ -148,15 +148,14 @@ impl Gateway {
         }
         inner.tables = prepared.names;
         let mut listeners = prepared.listeners;
-        let mut states = prepared.states;
-        let removed: Vec<u16> = inner.ports.keys().filter(|p| !states.contains_key(p)).copied().collect();
+        let removed: Vec<u16> = inner.ports.keys().filter(|p| !prepared.states.contains_key(p)).copied().collect();
         for port in removed {
             if let Some(running) = inner.ports.remove(&port) {
                 tracing::info!(port, addr = %running.addr, "gateway port removed: no longer accepting");
                 running.task.abort();
             }
         }
-        for (port, state) in std::mem::take(&mut states) {
+        for (port, state) in prepared.states {
             if let Some(running) = inner.ports.get(&port) {
                 running.state.store(Arc::new(state));
                 continue;

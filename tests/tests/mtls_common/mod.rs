@@ -139,12 +139,37 @@ pub fn client_presenting(trust: &WorkloadIdentity, present: &WorkloadIdentity) -
 
 /// As [`client_presenting`], trusting `roots`.
 pub fn client_with_roots(roots: Arc<RootCertStore>, present: &WorkloadIdentity) -> Arc<ClientConfig> {
+    client_with_versions(roots, present, &[&rustls::version::TLS13, &rustls::version::TLS12])
+}
+
+/// As [`client_presenting`], speaking TLS 1.2 only.
+pub fn tls12_client_presenting(trust: &WorkloadIdentity, present: &WorkloadIdentity) -> Arc<ClientConfig> {
+    client_with_versions(trust.root_store().clone(), present, &[&rustls::version::TLS12])
+}
+
+fn client_with_versions(
+    roots: Arc<RootCertStore>,
+    present: &WorkloadIdentity,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Arc<ClientConfig> {
     let mut config = ClientConfig::builder_with_provider(crypto_provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .with_protocol_versions(versions)
         .expect("protocol versions")
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(MeshServerVerifier::new(roots)))
         .with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(present.certified_key().clone())));
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
+/// A client config that trusts `trust`'s roots and presents no certificate.
+pub fn client_without_certificate(trust: &WorkloadIdentity) -> Arc<ClientConfig> {
+    let mut config = ClientConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .expect("protocol versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(MeshServerVerifier::new(trust.root_store().clone())))
+        .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Arc::new(config)
 }

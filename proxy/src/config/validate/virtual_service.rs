@@ -94,7 +94,7 @@ pub fn check(vs: &model::VirtualService, namespace: &str, name: &str, sink: &mut
         }
     }
     if let Some(tls) = vs.tls.as_ref().filter(|_| !applies_to_mesh(&vs.gateways)) {
-        crate::config::compile::gateway::check_tls_routes(tls, namespace, &hosts, sink);
+        crate::config::compile::gateway::check_tls_routes(tls, namespace, sink);
     }
     if vs.http.is_empty() && vs.tls.is_none() && vs.tcp.is_none() {
         sink.push("spec.http", "at least one http route is required");

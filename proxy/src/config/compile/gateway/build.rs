@@ -236,10 +236,9 @@ impl Builder<'_> {
         for vs in self.vss {
             let Some(tls) = &vs.spec.tls else { continue };
             let vs_binds = vs.spec.gateways.iter().any(|g| refers_to(g, vs.namespace, gw.namespace, gw.name));
-            let resolved: Vec<String> = vs.spec.hosts.iter().map(|h| hosts::resolve_host(h, vs.namespace)).collect();
             let mut scratch = Vec::new();
             let mut sink = Sink { file: &vs.origin.file, resource: vs.origin.resource.clone(), errors: &mut scratch };
-            let checked = check_tls_routes(tls, vs.namespace, &resolved, &mut sink);
+            let checked = check_tls_routes(tls, vs.namespace, &mut sink);
             errors.extend(scratch);
             for (i, r) in checked.iter().enumerate() {
                 for m in &r.matches {

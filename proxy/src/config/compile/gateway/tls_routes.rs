@@ -10,7 +10,6 @@ use crate::config::hosts;
 use crate::config::model;
 use crate::config::validate::fields;
 use crate::config::validate::virtual_service::{DestRef, MESH, dest_ref};
-use crate::gateway::hosts::intersect;
 
 /// `TLSRoute`: VirtualService `tls[]` (SNI routes, served by gateways only).
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -69,12 +68,11 @@ pub(super) struct CheckedTlsMatch {
 }
 
 /// Checks a VirtualService's `tls` block (any YAML) as a list of TLS routes of a
-/// VirtualService in `namespace` with the (resolved) `vs_hosts`, recording every
-/// problem in `sink`. Called at load for VirtualServices bound only to gateways.
+/// VirtualService in `namespace`, recording every problem in `sink`. Called at
+/// load for VirtualServices bound only to gateways.
 pub(crate) fn check_tls_routes(
     value: &serde_json::Value,
     namespace: &str,
-    vs_hosts: &[String],
     sink: &mut Sink<'_>,
 ) -> Vec<CheckedTlsRoute> {
     let routes: Vec<TlsRoute> = match serde_path_to_error::deserialize(value.clone()) {
@@ -86,7 +84,6 @@ pub(crate) fn check_tls_routes(
             return Vec::new();
         }
     };
-    let vs_hosts: Vec<String> = vs_hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
     let mut out = Vec::new();
     for (i, r) in routes.iter().enumerate() {
         let path = format!("spec.tls[{i}]");
@@ -108,12 +105,9 @@ pub(crate) fn check_tls_routes(
                 if sink.check(&field, hosts::check_host(h, true)).is_none() {
                     continue;
                 }
-                let h = h.to_ascii_lowercase();
-                if !vs_hosts.iter().any(|vs| intersect(&h, vs).as_deref() == Some(h.as_str())) {
-                    sink.push(&field, format!("SNI host {h:?} is not one of the VirtualService's hosts"));
-                    continue;
-                }
-                sni_hosts.push(h);
+                // Istio only warns when an SNI host is outside the VirtualService's
+                // hosts; what a gateway serves is the SNI host narrowed to its server's.
+                sni_hosts.push(h.to_ascii_lowercase());
             }
             if m.gateways.iter().any(|g| g == MESH) {
                 sink.push(
