@@ -172,8 +172,9 @@ fn start_watcher(path: &Path, tx: mpsc::Sender<()>) -> Option<notify::Recommende
     Some(watcher)
 }
 
-/// Sizes and modification times of the configuration files.
-fn fingerprint(path: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+/// Names, sizes and modification times of the configuration files (a file, or
+/// the entries of a folder): a change in any of them means "reload".
+pub fn fingerprint(path: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
     let files = if path.is_dir() {
         std::fs::read_dir(path)
             .map(|entries| {

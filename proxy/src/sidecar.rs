@@ -140,6 +140,13 @@ pub async fn start(args: &SidecarArgs) -> anyhow::Result<(Arc<Shared>, Bound, to
 /// Runs `serin sidecar` until SIGTERM, Ctrl-C or `/quitquitquit`, then drains.
 pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
     let (shared, _bound, data) = start(&args).await?;
+    run_until_drained(&shared, data, args.drain_timeout).await;
+    Ok(())
+}
+
+/// Waits for SIGTERM, Ctrl-C or a drain request (`/quitquitquit`), then drains:
+/// listeners stop accepting and requests in flight get up to `deadline`.
+pub async fn run_until_drained(shared: &Shared, data: tokio::task::JoinHandle<()>, deadline: Duration) {
     tokio::select! {
         () = shutdown_signal() => {
             tracing::info!("signal received: draining");
@@ -147,12 +154,11 @@ pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
         }
         () = shared.drain.signaled() => tracing::info!("drain requested: draining"),
     }
-    let idle = shared.drain.wait_idle(args.drain_timeout).await;
-    let _ = tokio::time::timeout(args.drain_timeout, data).await;
+    let idle = shared.drain.wait_idle(deadline).await;
+    let _ = tokio::time::timeout(deadline, data).await;
     if !idle {
         tracing::warn!(in_flight = shared.drain.in_flight(), "drain deadline passed; exiting with requests in flight");
     }
-    Ok(())
 }
 
 /// Resolves on SIGTERM or SIGINT.

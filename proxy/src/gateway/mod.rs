@@ -242,18 +242,7 @@ pub async fn start(args: &GatewayArgs) -> anyhow::Result<Started> {
 /// Runs `serin gateway` until SIGTERM, Ctrl-C or `/quitquitquit`, then drains.
 pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
     let Started { shared, data, .. } = start(&args).await?;
-    tokio::select! {
-        () = sidecar::shutdown_signal() => {
-            tracing::info!("signal received: draining");
-            shared.drain.trigger();
-        }
-        () = shared.drain.signaled() => tracing::info!("drain requested: draining"),
-    }
-    let idle = shared.drain.wait_idle(args.drain_timeout).await;
-    let _ = tokio::time::timeout(args.drain_timeout, data).await;
-    if !idle {
-        tracing::warn!(in_flight = shared.drain.in_flight(), "drain deadline passed; exiting with requests in flight");
-    }
+    sidecar::run_until_drained(&shared, data, args.drain_timeout).await;
     Ok(())
 }
 

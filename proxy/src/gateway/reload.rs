@@ -11,9 +11,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
@@ -291,7 +291,7 @@ impl Gateway {
     pub fn spawn_watch(self: &Arc<Self>) -> JoinHandle<()> {
         let gateway = self.clone();
         tokio::spawn(async move {
-            let mut last = fingerprint(&gateway.path);
+            let mut last = crate::reload::fingerprint(&gateway.path);
             let mut tick = tokio::time::interval(POLL.min(tls::POLL));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -299,7 +299,7 @@ impl Gateway {
                     _ = tick.tick() => {}
                     () = gateway.shared.drain.signaled() => return,
                 }
-                let now = fingerprint(&gateway.path);
+                let now = crate::reload::fingerprint(&gateway.path);
                 if now != last {
                     last = now;
                     match gateway.reload_now().await {
@@ -312,26 +312,4 @@ impl Gateway {
             }
         })
     }
-}
-
-/// Names, sizes and modification times of the configuration files.
-fn fingerprint(path: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
-    let files = if path.is_dir() {
-        std::fs::read_dir(path)
-            .map(|entries| {
-                let mut v: Vec<PathBuf> = entries.filter_map(Result::ok).map(|e| e.path()).collect();
-                v.sort();
-                v
-            })
-            .unwrap_or_default()
-    } else {
-        vec![path.to_path_buf()]
-    };
-    files
-        .into_iter()
-        .map(|f| {
-            let meta = std::fs::metadata(&f).ok();
-            (f, meta.as_ref().map_or(0, std::fs::Metadata::len), meta.and_then(|m| m.modified().ok()))
-        })
-        .collect()
 }
