@@ -1,3 +1,9 @@
 //! The control API of serin: the discovery protocol between `serin control-plane` and
-//! the sidecars. The `.proto`, the server and the client arrive with the control-plane
-//! issue; this crate is the place they live.
+//! the sidecars, the management API `serin ctl` calls, the control-plane server
+//! ([`server`]) and the clients ([`client`]).
+
+/// Generated protobuf messages and tonic services of `serin.control.v1`.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod pb {
+    tonic::include_proto!("serin.control.v1");
+}

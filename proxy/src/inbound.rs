@@ -180,7 +180,11 @@ async fn accept(stream: TcpStream, shared: &Shared, labels: &[(String, String)],
             return None;
         }
     };
-    let peer = peer_tls(tls.get_ref().1.peer_certificates().unwrap_or_default(), &bundle)?;
+    let Some(peer) = peer_tls(tls.get_ref().1.peer_certificates().unwrap_or_default(), &bundle) else {
+        shared.metrics.inbound_refused("no_spiffe_id");
+        tracing::info!(?remote, "inbound TLS peer refused: its certificate carries no SPIFFE identity");
+        return None;
+    };
     Some(Accepted::Tls(Box::new(tls), Arc::new(peer)))
 }
 

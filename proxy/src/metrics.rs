@@ -766,7 +766,7 @@ impl Metrics {
     }
 
     /// Counts an inbound connection refused for `reason` (`plaintext_strict`,
-    /// `tls_disabled`, `tls_handshake`, `no_identity`).
+    /// `tls_disabled`, `tls_handshake`, `no_identity`, `no_spiffe_id`).
     pub fn inbound_refused(&self, reason: &'static str) {
         self.inbound_refused.get_or_create(&vec![("reason", reason)]).inc();
     }

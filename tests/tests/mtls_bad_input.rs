@@ -353,3 +353,9 @@ async fn tls_garbage_is_dropped_without_affecting_other_clients() {
     let (status, _, _) = get(m.frontend.bound.outbound, "payment", "/", &[]).await.expect("GET");
     assert_eq!(status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_dump_identity_is_null_without_a_cert_dir() {
+    let sidecar = Sidecar::start(&[]).await;
+    assert_eq!(identity_dump(&sidecar).await, serde_json::Value::Null);
+}

@@ -83,7 +83,9 @@ async fn a_sidecar_with_a_not_yet_valid_certificate_is_refused_by_its_peer() {
     let frontend = start_frontend(payment.sidecar.bound.inbound, frontend_dir.path().to_path_buf(), &[]).await;
     let (status, _, body) = get(frontend.bound.outbound, "payment", "/", &[]).await.expect("an answer");
     assert_eq!(status, 503, "body: {}", String::from_utf8_lossy(&body));
-    wait_refused(&payment.sidecar, 1.0).await;
+    // Each connection attempt is refused (the frontend may retry a request that
+    // never left: one to three handshakes).
+    wait_metric(&payment.sidecar, REFUSED, &[("reason", "tls_handshake")], 1.0).await;
     let metrics = payment.sidecar.scrape().await;
     assert_eq!(metric_sum(&metrics, "istio_requests_total", &[("reporter", "destination")]), 0.0, "{metrics}");
 }
