@@ -607,3 +607,33 @@ fn a_taken_port_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&port) && err.contains("--admin"), "{err}");
 }
+
+/// A bad certificate written over a running sidecar's identity is logged (on
+/// stderr, naming the file) and the old certificate keeps serving.
+#[test]
+fn a_bad_certificate_reload_is_logged_and_the_old_one_keeps_serving() {
+    let dir = TempDir::new();
+    let ca = serin_certs::Ca::generate("cluster.local").expect("ca");
+    let id: serin_certs::SpiffeId = "spiffe://cluster.local/ns/default/sa/frontend".parse().expect("id");
+    let cert_dir = dir.path().join("identity");
+    serin_certs::write_workload(&cert_dir, &ca.issue(&id, Duration::from_secs(3600)).expect("issue"))
+        .expect("write identity");
+    let (_up, v1) = start_upstream("v1", &[]);
+    let dead = TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr");
+    write_config(dir.path(), v1, dead);
+    let cert_arg = cert_dir.to_string_lossy().into_owned();
+    let (mut proc, bound) = start_sidecar(dir.path(), &["--cert-dir", &cert_arg]);
+    proc.wait_stderr("workload identity loaded");
+    assert_eq!(get(bound.outbound, "payment", "/").status, 200);
+
+    std::fs::write(cert_dir.join("cert-chain.pem"), "-----BEGIN CERTIFICATE-----\ngarbage\n").expect("garbage");
+    let line = proc.wait_stderr("cert-chain.pem");
+    assert!(line.contains("WARN") || line.contains("ERROR"), "the reload error is a warning or an error: {line}");
+    // The old identity keeps serving; admin shows the error.
+    assert_eq!(get(bound.outbound, "payment", "/").status, 200);
+    let dump = get(bound.admin, "admin", "/config_dump");
+    let dump: Value = serde_json::from_str(&dump.body).expect("config_dump JSON");
+    let last_error = dump["identity"]["last_error"].as_str().unwrap_or_default();
+    assert!(last_error.contains("cert-chain.pem"), "config_dump identity: {}", dump["identity"]);
+    assert_eq!(dump["identity"]["spiffe_id"], "spiffe://cluster.local/ns/default/sa/frontend");
+}
