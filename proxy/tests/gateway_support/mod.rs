@@ -267,3 +267,32 @@ pub async fn admin_get(addr: SocketAddr, path: &str) -> String {
     let text = String::from_utf8_lossy(&out).into_owned();
     text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or(text)
 }
+
+/// An HTTP/1.1 hyper client over a new tokio-rustls connection to `addr` (SNI
+/// `sni`, trusting `ca`, a fresh client config so no session is resumed), and the
+/// leaf certificate the server presented in that handshake. The connection is
+/// driven by a task of its own until the sender is dropped or the server closes it.
+pub async fn https_client(
+    addr: SocketAddr,
+    sni: &str,
+    ca: &CertificateDer<'static>,
+) -> std::io::Result<(
+    hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    CertificateDer<'static>,
+)> {
+    let tls = connect_tls(addr, sni, client_config(ca, None)).await?;
+    let leaf = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .cloned()
+        .ok_or_else(|| std::io::Error::other("no peer certificate"))?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .map_err(std::io::Error::other)?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok((sender, leaf))
+}
