@@ -1,9 +1,23 @@
 //! The control API of serin: the discovery protocol between `serin control-plane` and
-//! the sidecars, the management API `serin ctl` calls, the control-plane server
-//! ([`server`]) and the clients ([`client`]).
+//! the sidecars (xDS in spirit), the management API `serin ctl` calls, the
+//! control-plane server ([`server`]) and the clients ([`client`]).
+//!
+//! Resources are Istio documents as YAML, grouped by type ([`types`]): the sidecar
+//! compiles them with the same validate-and-compile code it uses for files.
+
+#![warn(missing_docs)]
+
+pub mod client;
+pub mod server;
+pub mod types;
 
 /// Generated protobuf messages and tonic services of `serin.control.v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod pb {
     tonic::include_proto!("serin.control.v1");
 }
+
+pub use types::{
+    CLUSTERS_TYPE_URL, ENDPOINTS_TYPE_URL, MAX_MESSAGE_SIZE, POLICIES_TYPE_URL, ROUTES_TYPE_URL, ResourceType,
+    YAML_CONTENT_TYPE,
+};

@@ -60,8 +60,8 @@ pub(crate) fn load(dir: &Path) -> Result<State, StoreError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(State { format: FORMAT, ..State::default() }),
         Err(source) => return Err(StoreError::Io { path, source }),
     };
-    let state: State =
-        serde_json::from_slice(&text).map_err(|e| StoreError::BadState { path: path.clone(), message: e.to_string() })?;
+    let state: State = serde_json::from_slice(&text)
+        .map_err(|e| StoreError::BadState { path: path.clone(), message: e.to_string() })?;
     if state.format != FORMAT {
         return Err(StoreError::BadState { path, message: format!("format {} is not {FORMAT}", state.format) });
     }
@@ -77,8 +77,8 @@ pub(crate) fn save(dir: &Path, state: &State) -> Result<(), StoreError> {
         move |source| StoreError::Io { path, source }
     };
     fs::create_dir_all(dir).map_err(io(dir))?;
-    let mut body =
-        serde_json::to_vec_pretty(state).map_err(|e| StoreError::BadState { path: path.clone(), message: e.to_string() })?;
+    let mut body = serde_json::to_vec_pretty(state)
+        .map_err(|e| StoreError::BadState { path: path.clone(), message: e.to_string() })?;
     body.push(b'\n');
     let temp = dir.join(format!(".{STATE_FILE}.tmp"));
     {

@@ -218,7 +218,10 @@ impl Store {
             .into_iter()
             .filter(|t| ty.is_none_or(|ty| ty == *t))
             .flat_map(|t| {
-                inner.snapshots[&t].select(&names).map(move |r| (t, r.name.clone(), Arc::clone(&r.yaml))).collect::<Vec<_>>()
+                inner.snapshots[&t]
+                    .select(&names)
+                    .map(move |r| (t, r.name.clone(), Arc::clone(&r.yaml)))
+                    .collect::<Vec<_>>()
             })
             .collect()
     }
@@ -235,8 +238,7 @@ impl Store {
     /// labelled `serin.io/stable: "true"`, else the one named `stable`, else the first.
     pub fn rollback(&self, service: &str) -> Result<Change, StoreError> {
         let subsets = weights::subsets(&self.lock().effective, service)?;
-        let weights =
-            subsets.names.iter().map(|n| (n.clone(), if *n == subsets.stable { 100 } else { 0 })).collect();
+        let weights = subsets.names.iter().map(|n| (n.clone(), if *n == subsets.stable { 100 } else { 0 })).collect();
         self.change(service, weights, "rollback")
     }
 
@@ -364,7 +366,8 @@ fn parse_sources(documents: Vec<SourceDocument>, warnings: &mut Vec<String>) -> 
             warnings.push(format!("{SKIPPED_PREFIX}{kind} {name}: the control plane does not serve this kind"));
             continue;
         }
-        let value = Value::parse(&yaml).map_err(|message| StoreError::Document { name: format!("{kind}/{name}"), message })?;
+        let value =
+            Value::parse(&yaml).map_err(|message| StoreError::Document { name: format!("{kind}/{name}"), message })?;
         let (namespace, short) = match name.split_once('/') {
             Some((ns, n)) => (ns.to_string(), n.to_string()),
             None => ("default".to_string(), name.clone()),

@@ -40,7 +40,8 @@ pub(crate) fn subsets(docs: &[Document], service: &str) -> Result<Subsets, Store
         if !same_service(host, service, &doc.namespace) {
             continue;
         }
-        let dr_subsets: Vec<&Value> = doc.value.path(&["spec", "subsets"]).and_then(Value::as_seq).unwrap_or(&[]).iter().collect();
+        let dr_subsets: Vec<&Value> =
+            doc.value.path(&["spec", "subsets"]).and_then(Value::as_seq).unwrap_or(&[]).iter().collect();
         for subset in &dr_subsets {
             if let Some(name) = subset.get("name").and_then(Value::as_str)
                 && !names.iter().any(|n| n == name)
@@ -68,11 +69,7 @@ pub(crate) fn subsets(docs: &[Document], service: &str) -> Result<Subsets, Store
     let stable = match marked {
         Some(name) if names.contains(&name) => name,
         Some(name) => {
-            return Err(StoreError::UnknownSubsets {
-                service: service.to_string(),
-                unknown: vec![name],
-                known: names,
-            });
+            return Err(StoreError::UnknownSubsets { service: service.to_string(), unknown: vec![name], known: names });
         }
         None => names.iter().find(|n| *n == "stable").unwrap_or(&names[0]).clone(),
     };
