@@ -22,7 +22,7 @@ pub struct Cli {
 /// The roles of the one `serin` binary.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run a sidecar proxy beside a workload (outbound, admin, metrics, health).
+    /// Run a sidecar proxy beside a workload (outbound, inbound with mTLS, admin, metrics, health).
     Sidecar(Box<SidecarArgs>),
     /// Run an ingress gateway: Istio Gateway resources with their VirtualServices (HTTP, HTTPS SIMPLE/MUTUAL, TLS passthrough).
     Gateway(Box<GatewayArgs>),
@@ -41,13 +41,17 @@ pub enum Command {
         #[command(subcommand)]
         cmd: crate::ca_cmd::CaCommand,
     },
+    /// Run the control plane: serve the config folder to the sidecars over gRPC, with the management API.
+    ControlPlane(Box<crate::control_plane::ControlPlaneArgs>),
+    /// Talk to the control plane: set-weight, rollback, reset-weights, status, get.
+    Ctl(Box<crate::ctl::CtlArgs>),
 }
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
-        Command::Demo(_) => "warn",
+        Command::Demo(_) | Command::Ctl(_) => "warn",
         _ => "info",
     };
     init_logging(default_level);
@@ -76,6 +80,8 @@ pub fn main() -> ExitCode {
             Command::Gateway(args) => crate::gateway::run(*args).await,
             Command::Upstream(args) => crate::demo_app::run_upstream(args).await,
             Command::Demo(args) => crate::demo::run(*args).await,
+            Command::ControlPlane(args) => crate::control_plane::run(*args).await,
+            Command::Ctl(args) => crate::ctl::run(*args).await,
             Command::Validate { .. } | Command::Ca { .. } => Ok(()),
         }
     });

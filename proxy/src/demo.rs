@@ -236,6 +236,7 @@ fn sidecar_args(config: PathBuf, cert_dir: PathBuf, workload: &str, app_label: &
         cert_dir: Some(cert_dir),
         split: SplitMode::Exact,
         drain_timeout: Duration::from_secs(2),
+        control_plane: Default::default(),
     }
 }
 

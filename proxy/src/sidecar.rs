@@ -1,6 +1,7 @@
 //! `serin sidecar`: a proxy beside one workload. Binds every listener (outbound,
-//! admin, metrics, health), loads the config, watches it, and drains on SIGTERM
-//! or `/quitquitquit`.
+//! admin, metrics, health), loads the config and watches it (or subscribes to a
+//! control plane, see [`crate::xds_client`]), and drains on SIGTERM or
+//! `/quitquitquit`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,7 +14,7 @@ use crate::request_info::Reporter;
 use crate::snapshot::Snapshot;
 use crate::state::{LocalWorkload, Shared};
 use crate::upstream::split::SplitMode;
-use crate::{admin, inbound, reload};
+use crate::{admin, inbound, reload, xds_client};
 
 /// Options of `serin sidecar`.
 #[derive(Debug, Clone, clap::Args)]
@@ -67,6 +68,10 @@ pub struct SidecarArgs {
     /// How long a drain lets requests in flight finish.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
+    /// `--control-plane`, `--node-id`, `--subscribe`: config pushed by `serin
+    /// control-plane` instead of `--config` (the two are not taken together).
+    #[command(flatten)]
+    pub control_plane: xds_client::ControlPlaneArgs,
 }
 
 /// A running sidecar's bound addresses.
@@ -82,6 +87,7 @@ pub struct Bound {
 /// Binds every listener and starts serving; returns the shared state and the
 /// bound addresses. The sidecar runs until `shared.drain` is triggered.
 pub async fn start(args: &SidecarArgs) -> anyhow::Result<(Arc<Shared>, Bound, tokio::task::JoinHandle<()>)> {
+    xds_client::check_sources(args.config.as_deref(), &args.control_plane)?;
     let mut local = LocalWorkload {
         workload: args.workload.clone(),
         namespace: args.namespace.clone(),
@@ -133,6 +139,10 @@ pub async fn start(args: &SidecarArgs) -> anyhow::Result<(Arc<Shared>, Bound, to
         RouteSource::Outbound,
         args.drain_timeout,
     ));
+    // Last, so that a listener that fails to bind leaves no subscription behind.
+    if args.control_plane.address.is_some() {
+        xds_client::start(&args.control_plane, &shared)?;
+    }
     tracing::info!(outbound = %bound.outbound, inbound = %bound.inbound, app = %args.app, admin = %bound.admin, metrics = %bound.metrics, health = %bound.health, "sidecar ready");
     Ok((shared, bound, data))
 }

@@ -69,6 +69,8 @@ pub struct Shared {
     pub split_mode: SplitMode,
     /// The workload certificate for mutual TLS, when the sidecar has one.
     pub mesh: MeshIdentity,
+    /// The control-plane subscription, when the config comes from one.
+    pub control_plane: std::sync::OnceLock<crate::xds_client::Subscribed>,
 }
 
 impl Shared {
@@ -95,6 +97,7 @@ impl Shared {
             drain: Drain::new(),
             split_mode,
             mesh: MeshIdentity::default(),
+            control_plane: std::sync::OnceLock::new(),
         })
     }
 

@@ -117,6 +117,7 @@ impl Sidecar {
             cert_dir: None,
             split: SplitMode::Exact,
             drain_timeout: Duration::from_secs(2),
+            control_plane: Default::default(),
         };
         edit(&mut args);
         let (shared, bound, _data) = sidecar::start(&args).await.expect("start sidecar");

@@ -321,6 +321,11 @@ pub struct ConfigDump {
     /// last failed certificate reload (the previous certificate keeps serving), or
     /// null.
     pub identity: Value,
+    /// The control-plane subscription (`--control-plane`): `{endpoint, node_id,
+    /// state (CONNECTING | ACKED | NACKED), connected, versions, last_ack, last_nack,
+    /// ...}`, or null when the config comes from files. See
+    /// [`crate::xds_client::status_json`].
+    pub control_plane: Value,
 }
 
 /// The `identity` section of `/config_dump`.
@@ -352,6 +357,7 @@ pub fn config_dump(shared: &Shared) -> ConfigDump {
         clusters: sorted_clusters(&snapshot).into_iter().map(cluster).collect(),
         services: services.into_iter().map(service).collect(),
         identity: identity(shared),
+        control_plane: crate::xds_client::status_json(shared),
     }
 }
 

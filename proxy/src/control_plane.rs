@@ -1,0 +1,347 @@
+//! `serin control-plane`: holds the mesh's Istio config and serves it to the sidecars
+//! over the discovery API, with the management API `serin ctl` calls.
+//!
+//! The config folder goes through the sidecar's own validate-and-compile path
+//! ([`config::load_sources`] + [`config::compile`]) before the documents reach the
+//! [`Store`]; a folder that does not compile is refused at start with every error,
+//! and an invalid edit later is logged while the last good config keeps serving.
+//! Weights set through the API live in the state folder (see the control-api README
+//! for why they win over the folder). Metrics (connected sidecars, pushes, NACKs,
+//! push-to-ACK latency) are served on `--monitoring` at `/metrics`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use serin_control_api::ResourceType;
+use serin_control_api::pb;
+use serin_control_api::server::{ControlPlane, Observer, ServerOptions, SourceDocument, Store, parse_documents};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config;
+use crate::reload::{POLL, fingerprint};
+use crate::upstream::endpoint::EndpointRegistry;
+
+/// Options of `serin control-plane`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ControlPlaneArgs {
+    /// Folder of Istio YAML (`*.yaml`, `*.yml`) served to the sidecars; watched.
+    #[arg(long)]
+    pub config_dir: PathBuf,
+    /// Folder for the state file (weights set through the API, versions); created when missing.
+    #[arg(long)]
+    pub state_dir: PathBuf,
+    /// gRPC listener (discovery and management), plaintext.
+    #[arg(long, default_value = "0.0.0.0:15010")]
+    pub listen: SocketAddr,
+    /// Prometheus metrics (`/metrics`).
+    #[arg(long, default_value = "0.0.0.0:15014")]
+    pub monitoring: SocketAddr,
+    /// How long a drain waits for the servers to stop.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+/// A running control plane's bound addresses.
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    /// The gRPC listener.
+    pub listen: SocketAddr,
+    /// The metrics listener.
+    pub monitoring: SocketAddr,
+}
+
+/// A running control plane, as [`start`] returns it.
+#[derive(Debug)]
+pub struct Running {
+    /// The bound addresses.
+    pub bound: Bound,
+    /// The store being served.
+    pub store: Arc<Store>,
+    stop: watch::Sender<bool>,
+    server: JoinHandle<anyhow::Result<()>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops the servers and the folder watch; waits up to `deadline` for the gRPC server.
+    pub async fn shutdown(self, deadline: Duration) -> anyhow::Result<()> {
+        self.stop.send_replace(true);
+        for task in &self.tasks {
+            task.abort();
+        }
+        match tokio::time::timeout(deadline, self.server).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(e)) => Err(anyhow::anyhow!("the gRPC server task failed: {e}")),
+            Err(_) => {
+                tracing::warn!(?deadline, "drain deadline passed; exiting with streams open");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The config folder read and checked: the documents for the store and the
+/// warnings worth logging.
+#[derive(Debug)]
+pub struct LoadedFolder {
+    /// `(kind, "namespace/name", yaml)` of every document.
+    pub documents: Vec<SourceDocument>,
+    /// Warnings of loading (kinds accepted but not applied, …).
+    pub warnings: Vec<String>,
+    /// One line about what was loaded.
+    pub summary: String,
+}
+
+/// Reads every `*.yaml` / `*.yml` file of `dir` (sorted, not recursive), validates
+/// and compiles them as the sidecar does, and splits them into documents. The
+/// error lists every problem found.
+pub fn load_folder(dir: &Path) -> anyhow::Result<LoadedFolder> {
+    let meta = std::fs::metadata(dir).with_context(|| format!("config folder {}", dir.display()))?;
+    anyhow::ensure!(meta.is_dir(), "--config-dir {} is not a folder", dir.display());
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("config folder {}", dir.display()))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml") && p.is_file())
+        .collect();
+    files.sort();
+    let mut sources = Vec::with_capacity(files.len());
+    for file in files {
+        let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+        sources.push((file.display().to_string(), text));
+    }
+    let texts: Vec<(&str, &str)> = sources.iter().map(|(o, t)| (o.as_str(), t.as_str())).collect();
+    let set = config::load_sources(&texts).map_err(|e| anyhow::anyhow!("{e}"))?;
+    config::compile(&set, &EndpointRegistry::default(), "control-plane").map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut documents = Vec::new();
+    for (origin, text) in &sources {
+        documents.extend(parse_documents(text).map_err(|e| anyhow::anyhow!("{origin}: {e}"))?);
+    }
+    Ok(LoadedFolder { documents, warnings: set.warnings.clone(), summary: set.summary() })
+}
+
+/// The control plane's Prometheus metrics, fed by the server's [`Observer`] hooks.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    connected: Gauge,
+    pushes: Family<Vec<(String, String)>, Counter>,
+    nacks: Family<Vec<(String, String)>, Counter>,
+    push_to_ack: Family<Vec<(String, String)>, Histogram>,
+    connects: Counter<u64, AtomicU64>,
+}
+
+impl Metrics {
+    /// Registers every metric under the `serin_control_plane_` prefix.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("serin_control_plane");
+        let connected = Gauge::default();
+        let pushes = Family::<Vec<(String, String)>, Counter>::default();
+        let nacks = Family::<Vec<(String, String)>, Counter>::default();
+        let push_to_ack = Family::<Vec<(String, String)>, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 15))
+        });
+        let connects = Counter::default();
+        for ty in ResourceType::ALL {
+            let _ = pushes.get_or_create(&type_label(ty));
+            let _ = nacks.get_or_create(&type_label(ty));
+            let _ = push_to_ack.get_or_create(&type_label(ty));
+        }
+        registry.register("connected_sidecars", "Sidecars with an open discovery stream", connected.clone());
+        registry.register("stream_connects", "Discovery streams opened", connects.clone());
+        registry.register("pushes", "Discovery responses sent, by type", pushes.clone());
+        registry.register("nacks", "Responses rejected by a sidecar, by type", nacks.clone());
+        registry.register(
+            "push_to_ack_seconds",
+            "Time from sending a response to its ACK, by type",
+            push_to_ack.clone(),
+        );
+        Metrics { registry, connected, pushes, nacks, push_to_ack, connects }
+    }
+
+    /// The metrics in the Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = encode(&mut out, &self.registry) {
+            tracing::warn!(error = %e, "encoding metrics failed");
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics::new()
+    }
+}
+
+fn type_label(ty: ResourceType) -> Vec<(String, String)> {
+    vec![("type".to_string(), ty.short_name().to_string())]
+}
+
+impl Observer for Metrics {
+    fn stream_opened(&self, _node: &pb::Node) {
+        self.connected.inc();
+        self.connects.inc();
+    }
+    fn stream_closed(&self, _node: &pb::Node, _error: Option<&tonic::Status>) {
+        self.connected.dec();
+    }
+    fn pushed(&self, _node: &pb::Node, ty: ResourceType, _version: u64) {
+        self.pushes.get_or_create(&type_label(ty)).inc();
+    }
+    fn acked(&self, _node: &pb::Node, ty: ResourceType, _version: u64, push_to_ack: Duration) {
+        self.push_to_ack.get_or_create(&type_label(ty)).observe(push_to_ack.as_secs_f64());
+    }
+    fn nacked(&self, node: &pb::Node, ty: ResourceType, version: u64, error: &str) {
+        tracing::warn!(node = %node.id, r#type = %ty, version, error, "sidecar NACKed");
+        self.nacks.get_or_create(&type_label(ty)).inc();
+    }
+}
+
+/// Loads the folder, opens the store, binds both listeners and starts serving.
+pub async fn start(args: &ControlPlaneArgs) -> anyhow::Result<Running> {
+    let dir = args.config_dir.clone();
+    let loaded = tokio::task::spawn_blocking(move || load_folder(&dir))
+        .await
+        .context("loading the config folder")?
+        .map_err(|e| anyhow::anyhow!("invalid config {}:\n{e:#}", args.config_dir.display()))?;
+    for warning in &loaded.warnings {
+        tracing::warn!(%warning, "config");
+    }
+    let state_dir = args.state_dir.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open(&state_dir, loaded.documents))
+        .await
+        .context("opening the state folder")?
+        .with_context(|| format!("state folder {}", args.state_dir.display()))?;
+    let store = Arc::new(store);
+    for warning in store.warnings() {
+        tracing::warn!(%warning, "store");
+    }
+    let grpc = TcpListener::bind(args.listen).await.with_context(|| format!("--listen {}", args.listen))?;
+    let monitoring =
+        TcpListener::bind(args.monitoring).await.with_context(|| format!("--monitoring {}", args.monitoring))?;
+    let bound = Bound { listen: grpc.local_addr()?, monitoring: monitoring.local_addr()? };
+    let metrics = Arc::new(Metrics::new());
+    let options = ServerOptions { observer: metrics.clone(), ..ServerOptions::default() };
+    let plane = ControlPlane::new(store.clone(), options);
+    let (stop, stop_rx) = watch::channel(false);
+    let mut server_stop = stop_rx.clone();
+    let server = tokio::spawn(async move {
+        plane
+            .serve(grpc, async move {
+                let _ = server_stop.wait_for(|s| *s).await;
+            })
+            .await
+            .context("gRPC server")
+    });
+    let tasks = vec![
+        tokio::spawn(serve_metrics(monitoring, metrics, stop_rx)),
+        tokio::spawn(watch_folder(args.config_dir.clone(), store.clone())),
+    ];
+    let versions: Vec<String> = store.versions().iter().map(|(t, v)| format!("{t}={v}")).collect();
+    tracing::info!(
+        listen = %bound.listen,
+        monitoring = %bound.monitoring,
+        config = %loaded.summary,
+        versions = %versions.join(","),
+        "control plane ready"
+    );
+    Ok(Running { bound, store, stop, server, tasks })
+}
+
+/// Runs `serin control-plane` until SIGTERM or Ctrl-C, then drains.
+pub async fn run(args: ControlPlaneArgs) -> anyhow::Result<()> {
+    let running = start(&args).await?;
+    crate::sidecar::shutdown_signal().await;
+    tracing::info!("signal received: draining");
+    running.shutdown(args.drain_timeout).await
+}
+
+/// Polls the folder every 500 ms; a change that validates and compiles replaces the
+/// store's documents, an invalid one is logged and the last good config stays.
+async fn watch_folder(dir: PathBuf, store: Arc<Store>) {
+    let mut last = fingerprint(&dir);
+    let mut poll = tokio::time::interval(POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        poll.tick().await;
+        let now = fingerprint(&dir);
+        if now == last {
+            continue;
+        }
+        last = now;
+        let (d, s) = (dir.clone(), store.clone());
+        let result = tokio::task::spawn_blocking(move || -> anyhow::Result<(Vec<ResourceType>, Vec<String>)> {
+            let loaded = load_folder(&d)?;
+            let changed = s.replace_documents(loaded.documents).map_err(|e| anyhow::anyhow!("{e}"))?;
+            Ok((changed, loaded.warnings))
+        })
+        .await;
+        match result {
+            Ok(Ok((changed, warnings))) => {
+                for warning in warnings {
+                    tracing::warn!(%warning, "config");
+                }
+                for warning in store.warnings() {
+                    tracing::warn!(%warning, "store");
+                }
+                let changed: Vec<&str> = changed.iter().map(|t| t.short_name()).collect();
+                tracing::info!(dir = %dir.display(), changed = %changed.join(","), "config reloaded");
+            }
+            Ok(Err(e)) => {
+                tracing::error!(dir = %dir.display(), "config rejected, the last good config keeps serving:\n{e:#}")
+            }
+            Err(e) => tracing::error!(error = %e, "config reload task failed"),
+        }
+    }
+}
+
+/// Serves `/metrics` (HTTP/1.1) until `stop` flips.
+async fn serve_metrics(listener: TcpListener, metrics: Arc<Metrics>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "monitoring accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = async { let _ = stop.wait_for(|s| *s).await; } => return,
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let metrics = metrics.clone();
+                async move {
+                    if req.uri().path() == "/metrics" {
+                        hyper::Response::builder()
+                            .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+                            .body(Full::new(Bytes::from(metrics.encode())))
+                    } else {
+                        hyper::Response::builder().status(404).body(Full::new(Bytes::from_static(b"not found\n")))
+                    }
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+        });
+    }
+}
