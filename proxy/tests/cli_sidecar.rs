@@ -4,60 +4,20 @@
 //!
 //! Every wait is bounded; nothing asserts timings.
 
-use std::collections::HashMap;
+mod process_support;
+
+use process_support::{TempDir, addr_field, fields, strip_ansi};
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(20);
-
-/// A fresh folder under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("serin-cli-sidecar-{}-{nanos}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("create temp dir");
-        TempDir(dir)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Removes ANSI escape sequences (colours), in case the log has them.
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
 
 /// A `serin` child process whose stdout and stderr lines are collected by threads.
 struct Proc {
@@ -144,20 +104,6 @@ impl Drop for Proc {
             let _ = self.child.wait();
         }
     }
-}
-
-/// `key=value` fields of a log line (plain fmt format).
-fn fields(line: &str) -> HashMap<String, String> {
-    line.split_whitespace()
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
-        .collect()
-}
-
-fn addr_field(fields: &HashMap<String, String>, key: &str) -> SocketAddr {
-    let raw = fields.get(key).unwrap_or_else(|| panic!("no {key} in {fields:?}"));
-    let raw = raw.strip_prefix("Some(").and_then(|r| r.strip_suffix(')')).unwrap_or(raw);
-    raw.parse().unwrap_or_else(|e| panic!("{key}={raw}: {e}"))
 }
 
 /// A running `serin upstream`.
@@ -339,7 +285,7 @@ fn idle_h2c_client(addr: SocketAddr) -> (tokio::runtime::Runtime, tokio::task::J
 fn sigterm_drains_an_in_flight_request_and_exits_0() {
     let (_upstream, v1) = start_upstream("v1", &[]);
     let (_dead_socket, dead) = refusing_port();
-    let dir = TempDir::new();
+    let dir = TempDir::new("cli-sidecar");
     write_config(dir.path(), v1, dead);
     let (mut sidecar, bound) = start_sidecar(dir.path(), &[]);
 
@@ -429,7 +375,7 @@ fn sigterm_drains_an_in_flight_request_and_exits_0() {
 fn quitquitquit_drains_like_sigterm() {
     let (_upstream, v1) = start_upstream("v1", &[]);
     let (_dead_socket, dead) = refusing_port();
-    let dir = TempDir::new();
+    let dir = TempDir::new("cli-sidecar");
     write_config(dir.path(), v1, dead);
     let (mut sidecar, bound) = start_sidecar(dir.path(), &[]);
 
@@ -457,7 +403,7 @@ fn quitquitquit_drains_like_sigterm() {
 fn access_log_lines_carry_the_response_flags() {
     let (_upstream, v1) = start_upstream("v1", &[]);
     let (_dead_socket, dead) = refusing_port();
-    let dir = TempDir::new();
+    let dir = TempDir::new("cli-sidecar");
     write_config(dir.path(), v1, dead);
     let (mut sidecar, bound) = start_sidecar(dir.path(), &[]);
 
@@ -504,7 +450,7 @@ fn access_log_lines_carry_the_response_flags() {
 fn no_access_log_prints_nothing() {
     let (_upstream, v1) = start_upstream("v1", &[]);
     let (_dead_socket, dead) = refusing_port();
-    let dir = TempDir::new();
+    let dir = TempDir::new("cli-sidecar");
     write_config(dir.path(), v1, dead);
     let (mut sidecar, bound) = start_sidecar(dir.path(), &["--no-access-log"]);
     assert_eq!(get(bound.outbound, "payment", "/").status, 200);
@@ -545,7 +491,7 @@ fn upstream_process_answers() {
 fn two_sidecars_side_by_side() {
     let (_upstream, v1) = start_upstream("v1", &[]);
     let (_dead_socket, dead) = refusing_port();
-    let dir = TempDir::new();
+    let dir = TempDir::new("cli-sidecar");
     write_config(dir.path(), v1, dead);
     let (mut a, bound_a) = start_sidecar(dir.path(), &[]);
     let (mut b, bound_b) = start_sidecar(dir.path(), &[]);
@@ -584,7 +530,7 @@ fn two_sidecars_side_by_side() {
 fn a_taken_port_is_a_clear_error() {
     let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = taken.local_addr().expect("addr").to_string();
-    let dir = TempDir::new();
+    let dir = TempDir::new("cli-sidecar");
     let out = Command::new(env!("CARGO_BIN_EXE_serin"))
         .args(["sidecar", "--config"])
         .arg(dir.path())
@@ -612,7 +558,7 @@ fn a_taken_port_is_a_clear_error() {
 /// stderr, naming the file) and the old certificate keeps serving.
 #[test]
 fn a_bad_certificate_reload_is_logged_and_the_old_one_keeps_serving() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("cli-sidecar");
     let ca = serin_certs::Ca::generate("cluster.local").expect("ca");
     let id: serin_certs::SpiffeId = "spiffe://cluster.local/ns/default/sa/frontend".parse().expect("id");
     let cert_dir = dir.path().join("identity");

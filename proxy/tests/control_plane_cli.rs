@@ -6,12 +6,14 @@
 //!
 //! Every wait is bounded; nothing asserts timings.
 
-use std::collections::HashMap;
+mod process_support;
+
+use process_support::{TempDir, addr_field, fields, strip_ansi};
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -67,56 +69,14 @@ spec:
       weight: 0
 "#;
 
-/// A fresh folder under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("serin-control-plane-{}-{nanos}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("create temp dir");
-        TempDir(dir)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// A config folder holding `payment.yaml`, and a state folder beside it.
 fn folders() -> (TempDir, PathBuf, PathBuf) {
-    let tmp = TempDir::new();
+    let tmp = TempDir::new("control-plane");
     let config = tmp.path().join("config");
     let state = tmp.path().join("state");
     std::fs::create_dir_all(&config).expect("config dir");
     std::fs::write(config.join("payment.yaml"), PAYMENT).expect("write config");
     (tmp, config, state)
-}
-
-/// Removes ANSI escape sequences (colours), in case the log has them.
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// A running `serin control-plane` whose stderr lines are collected by a thread.
@@ -224,19 +184,6 @@ fn spawn_control_plane(config: &Path, state: &Path) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn serin control-plane")
-}
-
-/// `key=value` fields of a log line (plain fmt format).
-fn fields(line: &str) -> HashMap<String, String> {
-    line.split_whitespace()
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
-        .collect()
-}
-
-fn addr_field(fields: &HashMap<String, String>, key: &str) -> SocketAddr {
-    let raw = fields.get(key).unwrap_or_else(|| panic!("no {key} in {fields:?}"));
-    raw.parse().unwrap_or_else(|e| panic!("{key}={raw}: {e}"))
 }
 
 fn stdout(out: &Output) -> String {
