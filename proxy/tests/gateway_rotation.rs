@@ -13,22 +13,20 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use gateway_support::{Pki, TempDir, WAIT, admin_get, presented_cert, service_entry, wait_for, write_atomic};
+use gateway_support::{Issued, Pki, TempDir, WAIT, admin_get, presented_cert, service_entry, wait_for, write_atomic};
 use http_body_util::{BodyExt as _, Empty};
 use hyper::client::conn::http1::SendRequest;
 use serin::demo_app::{AppConfig, DemoApp};
-use serin::gateway::GatewayArgs;
+use serin::gateway::{GatewayArgs, Started};
 use serin_certs::rustls::pki_types::CertificateDer;
 use tokio::task::JoinHandle;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rotated_certificates_serve_new_handshakes_and_bad_files_are_refused() {
-    let dir = TempDir::new("rotation");
-    let pki = Pki::new("rotation CA");
-    let secret = dir.path().join("secrets").join("pay-cert");
-    let v1 = pki.server(&["pay.example.com"], 1001);
-    write_atomic(&secret.join("tls.crt"), &v1.cert_pem);
-    write_atomic(&secret.join("tls.key"), &v1.key_pem);
+/// A gateway serving `pay.example.com` over HTTPS (SIMPLE, the `pay-cert` secret
+/// in `--credentials-dir`, first installed from `first` into `secret`) in front
+/// of a payment v1 demo app; returns the app, the gateway and its 443 address.
+async fn pay_gateway(dir: &TempDir, secret: &std::path::Path, first: &Issued) -> (DemoApp, Started, SocketAddr) {
+    write_atomic(&secret.join("tls.crt"), &first.cert_pem);
+    write_atomic(&secret.join("tls.key"), &first.key_pem);
     let payment =
         DemoApp::start("127.0.0.1:0".parse().expect("addr"), AppConfig::new("payment", "v1")).await.expect("app");
     let mut config = service_entry("payment", "prod", "payment.prod.svc.cluster.local", payment.addr(), "HTTP");
@@ -54,6 +52,16 @@ spec:
     args.credentials_dir = Some(dir.path().join("secrets"));
     let started = gateway_support::start_with(args).await;
     let port = started.bound.ports[&443];
+    (payment, started, port)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotated_certificates_serve_new_handshakes_and_bad_files_are_refused() {
+    let dir = TempDir::new("rotation");
+    let pki = Pki::new("rotation CA");
+    let secret = dir.path().join("secrets").join("pay-cert");
+    let v1 = pki.server(&["pay.example.com"], 1001);
+    let (_payment, started, port) = pay_gateway(&dir, &secret, &v1).await;
     assert_eq!(presented_cert(port, "pay.example.com", &pki.ca_der).await, v1.der);
 
     // A keep-alive connection opened on the first certificate.
@@ -230,33 +238,7 @@ async fn rotations_under_load_lose_no_request_and_new_handshakes_present_the_new
         pki.server(&["pay.example.com"], 2002),
         pki.server(&["pay.example.com"], 2003),
     ];
-    write_atomic(&secret.join("tls.crt"), &issued[0].cert_pem);
-    write_atomic(&secret.join("tls.key"), &issued[0].key_pem);
-    let payment =
-        DemoApp::start("127.0.0.1:0".parse().expect("addr"), AppConfig::new("payment", "v1")).await.expect("app");
-    let mut config = service_entry("payment", "prod", "payment.prod.svc.cluster.local", payment.addr(), "HTTP");
-    config += "apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {name: edge, namespace: prod}
-spec:
-  servers:
-  - port: {number: 443, name: https, protocol: HTTPS}
-    hosts: [pay.example.com]
-    tls: {mode: SIMPLE, credentialName: pay-cert}
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: pay, namespace: prod}
-spec:
-  hosts: [pay.example.com]
-  gateways: [edge]
-  http: [{route: [{destination: {host: payment}}]}]
-";
-    let path = dir.write("gateway.yaml", &config);
-    let mut args = GatewayArgs::local(path, &[443]);
-    args.credentials_dir = Some(dir.path().join("secrets"));
-    let started = gateway_support::start_with(args).await;
-    let port = started.bound.ports[&443];
+    let (_payment, started, port) = pay_gateway(&dir, &secret, &issued[0]).await;
     assert_eq!(presented_cert(port, "pay.example.com", &pki.ca_der).await, issued[0].der);
 
     let shared = Arc::new(Shared {

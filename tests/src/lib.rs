@@ -631,3 +631,23 @@ pub async fn h2c_connect(addr: SocketAddr) -> hyper::client::conn::http2::SendRe
 pub fn empty_body() -> Full<Bytes> {
     Full::new(Bytes::new())
 }
+
+/// The next data message of a WebSocket, skipping pings (bounded: 10 s).
+pub async fn next_message<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> tokio_tungstenite::tungstenite::Message
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::StreamExt as _;
+    use tokio_tungstenite::tungstenite::Message;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let msg = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .expect("a message within 10 s")
+            .expect("stream open")
+            .expect("valid frame");
+        if !matches!(msg, Message::Ping(_) | Message::Pong(_)) {
+            return msg;
+        }
+    }
+}

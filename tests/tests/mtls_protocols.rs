@@ -68,24 +68,6 @@ async fn grpc_through_the_mtls_chain_keeps_its_trailers() {
     assert_eq!(metric_sum(&text, "istio_requests_total", &[("response_code", "503")]), 0.0, "{text}");
 }
 
-/// The next data message, skipping pings (bounded: 10 s).
-async fn next_message<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> Message
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let msg = tokio::time::timeout_at(deadline, ws.next())
-            .await
-            .expect("a message within 10 s")
-            .expect("stream open")
-            .expect("valid frame");
-        if !matches!(msg, Message::Ping(_) | Message::Pong(_)) {
-            return msg;
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_through_the_mtls_chain() {
     let m = mesh(&[STRICT.to_string()], &[]).await;

@@ -7,24 +7,6 @@ use serin_tests::*;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
-/// The next data message, skipping pings (bounded: 10 s).
-async fn next_message<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> Message
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let msg = tokio::time::timeout_at(deadline, ws.next())
-            .await
-            .expect("a message within 10 s")
-            .expect("stream open")
-            .expect("valid frame");
-        if !matches!(msg, Message::Ping(_) | Message::Pong(_)) {
-            return msg;
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_echo_through_the_sidecar() {
     let world = World::payment_v1("HTTP", AppConfig::default(), "").await;
