@@ -4,7 +4,8 @@
 
 use std::path::Path;
 
-const PROTOS: [&str; 2] = ["serin/control/v1/discovery.proto", "serin/control/v1/management.proto"];
+const PROTOS: [&str; 3] =
+    ["serin/control/v1/discovery.proto", "serin/control/v1/management.proto", "serin/control/v1/ca.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = Path::new("proto");

@@ -3,6 +3,7 @@
 //! (URI SAN = SPIFFE ID) and signs CSRs.
 
 use std::fmt;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -267,6 +268,22 @@ fn check_ca_cert(
         organization,
         spiffe_trust_domain,
     })
+}
+
+/// The trust domain a CA certificate was made for: the trust domain of its `spiffe://` URI
+/// SAN (Istio's plug-in CAs), else its subject organisation (roots made by [`Ca::init`]).
+/// `None` when the certificate cannot be parsed or names neither. A sidecar uses this to
+/// learn the trust domain from the root it was given.
+pub fn ca_trust_domain(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, x509) = X509Certificate::from_der(cert).ok()?;
+    let from_san = x509.subject_alternative_name().ok().flatten().and_then(|san| {
+        san.value.general_names.iter().find_map(|n| match n {
+            GeneralName::URI(u) => u.strip_prefix("spiffe://").map(|r| r.split('/').next().unwrap_or("").to_string()),
+            _ => None,
+        })
+    });
+    let from_org = || x509.subject().iter_organization().next().and_then(|o| o.as_str().ok()).map(str::to_string);
+    from_san.or_else(from_org).filter(|td| check_trust_domain(td).is_ok())
 }
 
 fn check_is_ca(path: &Path, x509: &X509Certificate<'_>) -> Result<(), CertError> {
@@ -535,6 +552,42 @@ impl Ca {
         })
     }
 
+    /// Issues a serving key and certificate for a mesh server that clients also reach by
+    /// host name or address (the control plane's TLS listener): the profile of [`Ca::issue`]
+    /// (URI SAN = `id`, serverAuth + clientAuth), plus `dns_names` and `ips` as DNS and IP
+    /// SANs so that ordinary TLS clients can verify the name they dialled.
+    pub fn issue_server(
+        &self,
+        id: &SpiffeId,
+        dns_names: &[&str],
+        ips: &[IpAddr],
+        lifetime: Duration,
+    ) -> Result<IssuedCert, CertError> {
+        let now = SystemTime::now();
+        let not_before = now - BACKDATE;
+        let not_after = add(now, lifetime)?;
+        let mut params = leaf_params(id, not_before, not_after)?;
+        for name in dns_names {
+            let dns = Ia5String::try_from(name.to_string()).map_err(gen_err("DNS SAN"))?;
+            params.subject_alt_names.push(SanType::DnsName(dns));
+        }
+        params.subject_alt_names.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(gen_err("server key"))?;
+        let cert = params.signed_by(&key, &self.issuer()?).map_err(gen_err("server certificate"))?;
+        let serial = params.serial_number.as_ref().map(serial_hex).unwrap_or_default();
+        let mut chain = vec![cert.into()];
+        chain.extend(self.chain.iter().cloned());
+        Ok(IssuedCert {
+            spiffe_id: id.clone(),
+            key_pem: key.serialize_pem(),
+            chain,
+            roots: self.roots.clone(),
+            not_before,
+            not_after,
+            serial,
+        })
+    }
+
     /// Signs a PEM certificate signing request for `id`, valid for `lifetime` (the control
     /// plane's CA service).
     ///
@@ -660,6 +713,32 @@ mod tests {
         assert_eq!(ca.trust_domain(), Some("example.org"));
         assert!(!ca.is_intermediate());
         assert!(Ca::generate("Not A Domain").is_err());
+    }
+
+    #[test]
+    fn server_certificates_add_dns_and_ip_sans() {
+        let ca = Ca::generate("example.org").unwrap();
+        let id: SpiffeId = "spiffe://example.org/ns/serin-system/sa/serin-control-plane".parse().unwrap();
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let issued =
+            ca.issue_server(&id, &["serin-control-plane", "localhost"], &[ip], Duration::from_secs(60)).unwrap();
+        let (_, x509) = X509Certificate::from_der(issued.leaf().unwrap()).unwrap();
+        let names = x509.subject_alternative_name().unwrap().unwrap().value.general_names.clone();
+        assert!(names.contains(&GeneralName::URI("spiffe://example.org/ns/serin-system/sa/serin-control-plane")));
+        assert!(names.contains(&GeneralName::DNSName("serin-control-plane")));
+        assert!(names.contains(&GeneralName::DNSName("localhost")));
+        assert!(names.contains(&GeneralName::IPAddress(&[127, 0, 0, 1])));
+        assert_eq!(files::spiffe_id_of(&x509).unwrap(), id, "still one URI SAN: an SVID");
+        assert!(issued.to_identity().is_ok());
+    }
+
+    #[test]
+    fn trust_domain_of_a_ca_certificate() {
+        let root = Ca::generate("example.org").unwrap();
+        assert_eq!(ca_trust_domain(root.cert()).as_deref(), Some("example.org"));
+        let intermediate = root.issue_intermediate(Duration::from_secs(3600)).unwrap();
+        assert_eq!(ca_trust_domain(intermediate.cert()).as_deref(), Some("example.org"));
+        assert_eq!(ca_trust_domain(&CertificateDer::from(vec![1u8, 2, 3])), None);
     }
 
     #[test]

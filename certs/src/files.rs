@@ -132,7 +132,7 @@ pub(crate) fn rfc3339(t: SystemTime) -> String {
 }
 
 /// PEM text of certificates, one `CERTIFICATE` block each, LF line endings.
-pub(crate) fn certs_to_pem<'a>(certs: impl IntoIterator<Item = &'a CertificateDer<'a>>) -> String {
+pub fn certs_to_pem<'a>(certs: impl IntoIterator<Item = &'a CertificateDer<'a>>) -> String {
     certs.into_iter().map(|c| pem_block("CERTIFICATE", c.as_ref())).collect()
 }
 

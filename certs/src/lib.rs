@@ -6,7 +6,7 @@
 //!   parsed.
 //! - [`Ca`]: a self-signed root ([`Ca::init`]) or an Istio plug-in intermediate
 //!   ([`Ca::load`]); issues workload certificates ([`Ca::issue`]) and signs CSRs
-//!   ([`Ca::sign_csr`]).
+//!   ([`Ca::sign_csr`]); [`generate_csr`] / [`csr_spiffe_id`] are the two ends of a CSR.
 //! - [`write_workload`] / [`WorkloadIdentity::load`]: Istio's workload layout (`key.pem`,
 //!   `cert-chain.pem`, `root-cert.pem`), checked on load with errors naming the file.
 //! - [`server_config`] / [`client_config`]: mesh mTLS with the `ring` provider; the client
@@ -22,6 +22,7 @@
 #![warn(missing_docs)]
 
 mod ca;
+mod csr;
 mod error;
 mod files;
 mod spiffe;
@@ -29,9 +30,15 @@ mod tls;
 mod watcher;
 mod workload;
 
-pub use ca::{BACKDATE, Ca, DEFAULT_TRUST_DOMAIN, DEFAULT_WORKLOAD_LIFETIME, IssuedCert, ROOT_LIFETIME, SignedCert};
+pub use ca::{
+    BACKDATE, Ca, DEFAULT_TRUST_DOMAIN, DEFAULT_WORKLOAD_LIFETIME, IssuedCert, ROOT_LIFETIME, SignedCert,
+    ca_trust_domain,
+};
+pub use csr::{CsrKey, MAX_CSR_LEN, csr_spiffe_id, generate_csr};
 pub use error::CertError;
-pub use files::{CA_CERT_FILE, CA_KEY_FILE, CERT_CHAIN_FILE, KEY_FILE, ROOT_CERT_FILE, ROOT_KEY_FILE, write_atomic};
+pub use files::{
+    CA_CERT_FILE, CA_KEY_FILE, CERT_CHAIN_FILE, KEY_FILE, ROOT_CERT_FILE, ROOT_KEY_FILE, certs_to_pem, write_atomic,
+};
 pub use spiffe::{SpiffeId, SpiffeIdError, check_trust_domain};
 pub use tls::{
     ALPN_H2, ALPN_HTTP11, ClientAuth, MESH_ALPN, MeshServerVerifier, PeerIdentityError, SniResolver, client_config,

@@ -3,7 +3,7 @@
 //! A [`CertSource`] hands out the current [`IdentityBundle`] (identity + ready rustls configs)
 //! and a `watch` channel of new ones. [`IdentityWatcher`] is the file-based source: it polls
 //! the identity directory and publishes a new bundle when the files change and validate. A
-//! later control-plane client (CSR over gRPC) is another `CertSource`.
+//! control-plane client (CSR over gRPC, in the `serin` crate) is another `CertSource`.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -86,6 +86,18 @@ pub trait CertSource: Send + Sync {
 
     /// The last failed refresh, if the current bundle is older than a failed attempt.
     fn last_error(&self) -> Option<String> {
+        None
+    }
+
+    /// Where the certificates come from, for people (`/config_dump`): `files:<dir>`,
+    /// `control-plane:<address>`, `static`.
+    fn origin(&self) -> String {
+        "static".to_string()
+    }
+
+    /// When the source will next try to replace the current certificate, if it renews on
+    /// its own (a CSR client); `None` for sources that wait for someone else (files).
+    fn next_renewal(&self) -> Option<SystemTime> {
         None
     }
 }
@@ -227,6 +239,10 @@ impl CertSource for IdentityWatcher {
 
     fn last_error(&self) -> Option<String> {
         IdentityWatcher::last_error(self)
+    }
+
+    fn origin(&self) -> String {
+        format!("files:{}", self.dir.display())
     }
 }
 

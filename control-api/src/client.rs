@@ -11,6 +11,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::pb;
+use crate::transport::Transport;
 use crate::types::{MAX_MESSAGE_SIZE, ResourceType, YAML_CONTENT_TYPE};
 
 /// Why a client call failed.
@@ -35,6 +36,15 @@ pub enum ClientError {
     /// The control plane answered with an error.
     #[error("{}", describe_status(.0))]
     Rpc(#[from] tonic::Status),
+    /// TLS settings that cannot be used (roots, server name, scheme).
+    #[error("TLS to the control plane: {message}")]
+    Tls {
+        /// What is wrong.
+        message: String,
+    },
+    /// A bootstrap token that cannot be sent as gRPC metadata.
+    #[error("the bootstrap token cannot be sent: it must be printable ASCII without spaces")]
+    BadToken,
     /// A `SUBSET=PERCENT` argument that is not one.
     #[error("{arg:?}: {reason}")]
     BadWeight {
@@ -283,12 +293,23 @@ pub fn subscribe_with<H: Handler>(
     options: SubscribeOptions,
     handler: H,
 ) -> Subscription {
-    let endpoint = endpoint.connect_timeout(options.connect_timeout).tcp_nodelay(true);
-    let status = ClientStatus { endpoint: endpoint.uri().to_string(), ..ClientStatus::default() };
+    subscribe_with_transport(Transport::plaintext(endpoint), node, options, handler)
+}
+
+/// As [`subscribe_with`], over any [`Transport`] (TLS to the control plane's 15012 with a
+/// client certificate read at each connect). Must be called inside a tokio runtime.
+pub fn subscribe_with_transport<H: Handler>(
+    transport: Transport,
+    node: pb::Node,
+    options: SubscribeOptions,
+    handler: H,
+) -> Subscription {
+    let transport = transport.with_endpoint(|e| e.connect_timeout(options.connect_timeout).tcp_nodelay(true));
+    let status = ClientStatus { endpoint: transport.endpoint().uri().to_string(), ..ClientStatus::default() };
     let (status_tx, status_rx) = watch::channel(status);
     let (stop, stop_rx) = watch::channel(false);
     let client = SubscriptionTask {
-        endpoint,
+        transport,
         node,
         options,
         handler,
@@ -301,7 +322,7 @@ pub fn subscribe_with<H: Handler>(
 }
 
 struct SubscriptionTask<H> {
-    endpoint: Endpoint,
+    transport: Transport,
     node: pb::Node,
     options: SubscribeOptions,
     handler: H,
@@ -328,7 +349,7 @@ impl<H: Handler> SubscriptionTask<H> {
                 error = self.session() => error,
                 () = stopped(&mut stop) => return,
             };
-            tracing::warn!(endpoint = %self.endpoint.uri(), "control plane stream: {error}");
+            tracing::warn!(endpoint = %self.transport.endpoint().uri(), "control plane stream: {error}");
             self.status.send_modify(|s| {
                 s.connected = false;
                 s.last_error = Some(error);
@@ -344,8 +365,8 @@ impl<H: Handler> SubscriptionTask<H> {
 
     /// One stream, until it ends; returns why.
     async fn session(&mut self) -> String {
-        let uri = self.endpoint.uri().to_string();
-        let channel = match self.endpoint.connect().await {
+        let uri = self.transport.endpoint().uri().to_string();
+        let channel = match self.transport.connect().await {
             Ok(channel) => channel,
             Err(e) => return ClientError::Connect { endpoint: uri, message: chain(&e) }.to_string(),
         };
@@ -371,6 +392,9 @@ impl<H: Handler> SubscriptionTask<H> {
         };
         self.status.send_modify(|s| s.connects += 1);
         let mut pending: BTreeMap<ResourceType, Pending> = BTreeMap::new();
+        // The newest config of each type received on this stream, applied or not:
+        // after a rejected set, a push of one type completes the set with the others.
+        let mut received: BTreeMap<ResourceType, TypeConfig> = BTreeMap::new();
         loop {
             let response = match inbound.message().await {
                 Ok(Some(response)) => response,
@@ -383,7 +407,7 @@ impl<H: Handler> SubscriptionTask<H> {
                 s.connected = true;
                 s.control_plane.clone_from(&response.control_plane);
             });
-            if let Err(error) = self.on_response(response, &mut pending, &tx).await {
+            if let Err(error) = self.on_response(response, &mut pending, &mut received, &tx).await {
                 return error;
             }
         }
@@ -394,6 +418,7 @@ impl<H: Handler> SubscriptionTask<H> {
         &mut self,
         response: pb::DiscoveryResponse,
         pending: &mut BTreeMap<ResourceType, Pending>,
+        received: &mut BTreeMap<ResourceType, TypeConfig>,
         tx: &mpsc::Sender<pb::DiscoveryRequest>,
     ) -> Result<(), String> {
         let ty = ResourceType::from_type_url(&response.type_url).filter(|t| self.options.types.contains(t));
@@ -418,19 +443,20 @@ impl<H: Handler> SubscriptionTask<H> {
             }
             (None, Ok(_)) => return Ok(()),
         };
+        received.insert(ty, config.clone());
         pending.insert(ty, Pending { config, nonce: response.nonce });
         let complete =
-            self.options.types.iter().all(|t| self.accepted.types.contains_key(t) || pending.contains_key(t));
+            self.options.types.iter().all(|t| self.accepted.types.contains_key(t) || received.contains_key(t));
         if !complete {
             return Ok(());
         }
         let mut candidate = self.accepted.clone();
         let mut changed = Vec::new();
-        for (t, p) in pending.iter() {
-            if self.accepted.types.get(t) != Some(&p.config) {
+        for (t, config) in received.iter() {
+            if self.accepted.types.get(t) != Some(config) {
                 changed.push(*t);
             }
-            candidate.types.insert(*t, p.config.clone());
+            candidate.types.insert(*t, config.clone());
         }
         let result = if changed.is_empty() {
             Ok(())
@@ -543,6 +569,11 @@ impl ManagementClient {
         Ok(ManagementClient::from_channel(channel))
     }
 
+    /// Connects over `transport` (plaintext or TLS).
+    pub async fn connect_transport(transport: &Transport) -> Result<ManagementClient, ClientError> {
+        Ok(ManagementClient::from_channel(open(transport).await?))
+    }
+
     /// A client over an open channel (TLS, tests).
     pub fn from_channel(channel: Channel) -> ManagementClient {
         ManagementClient { inner: pb::management_client::ManagementClient::new(channel) }
@@ -609,6 +640,68 @@ impl ManagementClient {
             timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX).max(1),
         };
         Ok(self.inner.wait_for_ack(request).await?.into_inner())
+    }
+}
+
+// ----------------------------------------------------------------------------------
+// Certificate client
+// ----------------------------------------------------------------------------------
+
+/// Opens a channel with a 5 s connect timeout; the error names the address.
+async fn open(transport: &Transport) -> Result<Channel, ClientError> {
+    let transport = transport.clone().with_endpoint(|e| e.connect_timeout(Duration::from_secs(5)));
+    transport
+        .connect()
+        .await
+        .map_err(|e| ClientError::Connect { endpoint: transport.endpoint().uri().to_string(), message: chain(&e) })
+}
+
+/// The control plane's certificate service, as a sidecar calls it to get and renew its
+/// workload certificate.
+#[derive(Debug, Clone)]
+pub struct CertificateClient {
+    inner: pb::certificates_client::CertificatesClient<Channel>,
+    token: Option<String>,
+}
+
+impl CertificateClient {
+    /// Connects over `transport`. Over TLS the client certificate the transport presents
+    /// authenticates a renewal; a bootstrap token ([`CertificateClient::with_token`]) is
+    /// needed for a first certificate, and for any certificate over plaintext.
+    pub async fn connect(transport: &Transport) -> Result<CertificateClient, ClientError> {
+        Ok(CertificateClient::from_channel(open(transport).await?))
+    }
+
+    /// A client over an open channel.
+    pub fn from_channel(channel: Channel) -> CertificateClient {
+        CertificateClient { inner: pb::certificates_client::CertificatesClient::new(channel), token: None }
+    }
+
+    /// Sends `token` as `authorization: Bearer TOKEN` with every request (`None`: no token).
+    pub fn with_token(mut self, token: Option<String>) -> CertificateClient {
+        self.token = token;
+        self
+    }
+
+    /// Asks the CA to sign `csr_pem` for `validity` (zero = the server's default);
+    /// `node_id` only goes to the control plane's logs.
+    pub async fn create_certificate(
+        &mut self,
+        csr_pem: &str,
+        validity: Duration,
+        node_id: &str,
+    ) -> Result<pb::CsrResponse, ClientError> {
+        let mut request = tonic::Request::new(pb::CsrRequest {
+            csr_pem: csr_pem.to_string(),
+            validity_seconds: validity.as_secs(),
+            node_id: node_id.to_string(),
+        });
+        if let Some(token) = &self.token {
+            let value = tonic::metadata::MetadataValue::try_from(format!("Bearer {token}"))
+                .map_err(|_| ClientError::BadToken)?;
+            request.metadata_mut().insert(crate::server::AUTHORIZATION_METADATA, value);
+        }
+        Ok(self.inner.create_certificate(request).await?.into_inner())
     }
 }
 

@@ -1,6 +1,7 @@
 //! The control API of serin: the discovery protocol between `serin control-plane` and
-//! the sidecars (xDS in spirit), the management API `serin ctl` calls, the
-//! control-plane server ([`server`]) and the clients ([`client`]).
+//! the sidecars (xDS in spirit), the management API `serin ctl` calls, the certificate
+//! service (the mesh CA signing CSRs), the control-plane server ([`server`]), the clients
+//! ([`client`]) and how they connect, plaintext or TLS ([`transport`]).
 //!
 //! Resources are Istio documents as YAML, grouped by type ([`types`]): the sidecar
 //! compiles them with the same validate-and-compile code it uses for files.
@@ -9,6 +10,7 @@
 
 pub mod client;
 pub mod server;
+pub mod transport;
 pub mod types;
 
 /// Generated protobuf messages and tonic services of `serin.control.v1`.

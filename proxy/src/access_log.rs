@@ -276,6 +276,7 @@ mod tests {
                 name: "payment".into(),
                 namespace: "default".into(),
                 ports: Vec::new(),
+                addresses: Vec::new(),
             }),
             subset: Some("v2".into()),
             port: 8080,

@@ -34,7 +34,7 @@ pub enum Command {
     },
     /// Run a demo upstream service that answers with its service, version and pod.
     Upstream(UpstreamArgs),
-    /// Run a local canary of `payment` v1/v2 with a sidecar and load, showing the live split.
+    /// Run a local canary of `payment` v1/v2: sidecars with mTLS, the control plane shifting the weights (95/5, 75/25, rollback), load, and a live table.
     Demo(Box<DemoArgs>),
     /// Manage the mesh CA: create a root CA, issue workload certificates.
     Ca {
@@ -45,13 +45,20 @@ pub enum Command {
     ControlPlane(Box<crate::control_plane::ControlPlaneArgs>),
     /// Talk to the control plane: set-weight, rollback, reset-weights, status, get.
     Ctl(Box<crate::ctl::CtlArgs>),
+    /// Write the pod's nat rules that capture its TCP for the sidecar (the init step, like `istio-iptables`).
+    Iptables(Box<crate::iptables::IptablesArgs>),
+    /// Add serin's sidecar to Kubernetes workloads (like `istioctl kube-inject`): init container, proxy, identity volumes.
+    Inject(Box<crate::inject::InjectArgs>),
 }
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
-        Command::Demo(_) | Command::Ctl(_) => "warn",
+        // The demo's steps set weights through the API on purpose: the store's warning
+        // that they win over the config folder is expected there.
+        Command::Demo(_) => "warn,serin_control_api::server::store=error",
+        Command::Ctl(_) => "warn",
         _ => "info",
     };
     init_logging(default_level);
@@ -63,6 +70,15 @@ pub fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("serin: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let Command::Inject(args) = &cli.command {
+        return match crate::inject::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("{e:#}");
                 ExitCode::FAILURE
             }
         };
@@ -82,7 +98,8 @@ pub fn main() -> ExitCode {
             Command::Demo(args) => crate::demo::run(*args).await,
             Command::ControlPlane(args) => crate::control_plane::run(*args).await,
             Command::Ctl(args) => crate::ctl::run(*args).await,
-            Command::Validate { .. } | Command::Ca { .. } => Ok(()),
+            Command::Iptables(args) => crate::iptables::run(&args).map_err(anyhow::Error::from),
+            Command::Validate { .. } | Command::Ca { .. } | Command::Inject(_) => Ok(()),
         }
     });
     match result {

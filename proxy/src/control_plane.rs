@@ -7,7 +7,13 @@
 //! and an invalid edit later is logged while the last good config keeps serving.
 //! Weights set through the API live in the state folder (see the control-api README
 //! for why they win over the folder). Metrics (connected sidecars, pushes, NACKs,
-//! push-to-ACK latency) are served on `--monitoring` at `/metrics`.
+//! push-to-ACK latency, certificates signed and refused) are served on `--monitoring`
+//! at `/metrics`.
+//!
+//! With `--ca-dir` (the mesh CA of `serin ca init`) the control plane also signs the
+//! sidecars' CSRs and serves gRPC over TLS on `--listen-tls` (15012) with a serving
+//! certificate it issues itself from that CA; every call there needs a mesh client
+//! certificate or a bootstrap token (`--bootstrap-tokens`). See the control-api README.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -28,7 +34,9 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use serin_control_api::ResourceType;
 use serin_control_api::pb;
-use serin_control_api::server::{ControlPlane, Observer, ServerOptions, SourceDocument, Store, parse_documents};
+use serin_control_api::server::{
+    BootstrapTokens, CaSettings, ControlPlane, Observer, ServerOptions, SourceDocument, Store, parse_documents,
+};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -55,6 +63,70 @@ pub struct ControlPlaneArgs {
     /// How long a drain waits for the servers to stop.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
+    /// `--listen-tls`, `--ca-dir`, `--bootstrap-tokens`, `--trust-domain`, `--cert-ttl`,
+    /// `--max-cert-ttl`: the mesh CA and the TLS listener.
+    #[command(flatten)]
+    pub security: SecurityArgs,
+}
+
+/// The mesh CA and the TLS listener of `serin control-plane`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SecurityArgs {
+    /// gRPC over TLS (discovery, management, certificates); every call needs a mesh client
+    /// certificate or a bootstrap token. Served only with `--ca-dir`.
+    #[arg(long, default_value = "0.0.0.0:15012")]
+    pub listen_tls: SocketAddr,
+    /// The mesh CA (`serin ca init`, or Istio's plug-in CA files): signs the sidecars'
+    /// CSRs and the control plane's own serving certificate. Without it the TLS listener
+    /// and certificate signing are off.
+    #[arg(long, env = "SERIN_CA_DIR", value_name = "DIR")]
+    pub ca_dir: Option<PathBuf>,
+    /// Bootstrap tokens for a sidecar's first certificate: one `TOKEN NAMESPACE/SERVICE_ACCOUNT`
+    /// (or `TOKEN *` for any identity) per line, `#` comments. Read at start.
+    #[arg(long, value_name = "FILE")]
+    pub bootstrap_tokens: Option<PathBuf>,
+    /// Trust domain, when the CA's certificate does not name one (default cluster.local).
+    #[arg(long)]
+    pub trust_domain: Option<String>,
+    /// Lifetime of a certificate whose CSR asks for none, and of the control plane's own.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    pub cert_ttl: Duration,
+    /// Longest certificate lifetime granted; longer requests are cut to it.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    pub max_cert_ttl: Duration,
+}
+
+impl Default for SecurityArgs {
+    /// The command line's defaults: no CA (so no TLS listener), 24 h certificates.
+    fn default() -> SecurityArgs {
+        SecurityArgs {
+            listen_tls: SocketAddr::from(([0, 0, 0, 0], 15012)),
+            ca_dir: None,
+            bootstrap_tokens: None,
+            trust_domain: None,
+            cert_ttl: serin_certs::DEFAULT_WORKLOAD_LIFETIME,
+            max_cert_ttl: serin_control_api::server::DEFAULT_MAX_CERT_TTL,
+        }
+    }
+}
+
+/// Loads the CA and the bootstrap tokens named by `args`; `None` without `--ca-dir`.
+pub fn ca_settings(args: &SecurityArgs) -> anyhow::Result<Option<CaSettings>> {
+    let Some(dir) = &args.ca_dir else {
+        if args.bootstrap_tokens.is_some() {
+            tracing::warn!("--bootstrap-tokens is unused without --ca-dir: nothing signs certificates");
+        }
+        return Ok(None);
+    };
+    let ca = serin_certs::Ca::load(dir).with_context(|| format!("--ca-dir {}", dir.display()))?;
+    let mut settings = CaSettings::new(ca, args.trust_domain.as_deref()).context("--ca-dir")?;
+    settings.max_ttl = args.max_cert_ttl;
+    settings.default_ttl = args.cert_ttl.min(args.max_cert_ttl);
+    settings.check().context("--cert-ttl / --max-cert-ttl")?;
+    if let Some(path) = &args.bootstrap_tokens {
+        settings.tokens = Arc::new(BootstrapTokens::load(path)?);
+    }
+    Ok(Some(settings))
 }
 
 /// A running control plane's bound addresses.
@@ -62,6 +134,8 @@ pub struct ControlPlaneArgs {
 pub struct Bound {
     /// The gRPC listener.
     pub listen: SocketAddr,
+    /// The gRPC TLS listener, when the control plane has a CA.
+    pub listen_tls: Option<SocketAddr>,
     /// The metrics listener.
     pub monitoring: SocketAddr,
 }
@@ -145,6 +219,9 @@ pub struct Metrics {
     nacks: Family<Vec<(String, String)>, Counter>,
     push_to_ack: Family<Vec<(String, String)>, Histogram>,
     connects: Counter<u64, AtomicU64>,
+    csr_signed: Family<Vec<(String, String)>, Counter>,
+    csr_refused: Family<Vec<(String, String)>, Counter>,
+    unauthenticated: Counter<u64, AtomicU64>,
 }
 
 impl Metrics {
@@ -172,7 +249,24 @@ impl Metrics {
             "Time from sending a response to its ACK, by type",
             push_to_ack.clone(),
         );
-        Metrics { registry, connected, pushes, nacks, push_to_ack, connects }
+        let csr_signed = Family::<Vec<(String, String)>, Counter>::default();
+        let csr_refused = Family::<Vec<(String, String)>, Counter>::default();
+        let unauthenticated = Counter::default();
+        for auth in ["certificate", "token"] {
+            let _ = csr_signed.get_or_create(&vec![("auth".to_string(), auth.to_string())]);
+        }
+        registry.register(
+            "csr_signed",
+            "Certificates signed, by how the caller was entitled (certificate = renewal, token = bootstrap)",
+            csr_signed.clone(),
+        );
+        registry.register("csr_refused", "Certificate requests refused, by gRPC status code", csr_refused.clone());
+        registry.register(
+            "unauthenticated_calls",
+            "Calls refused by the TLS listener for want of a client certificate or a valid token",
+            unauthenticated.clone(),
+        );
+        Metrics { registry, connected, pushes, nacks, push_to_ack, connects, csr_signed, csr_refused, unauthenticated }
     }
 
     /// The metrics in the Prometheus text format.
@@ -213,6 +307,16 @@ impl Observer for Metrics {
         tracing::warn!(node = %node.id, r#type = %ty, version, error, "sidecar NACKed");
         self.nacks.get_or_create(&type_label(ty)).inc();
     }
+    fn csr_signed(&self, _spiffe_id: &str, auth: &str) {
+        self.csr_signed.get_or_create(&vec![("auth".to_string(), auth.to_string())]).inc();
+    }
+    fn csr_refused(&self, code: tonic::Code) {
+        let code = format!("{code:?}");
+        self.csr_refused.get_or_create(&vec![("code".to_string(), code)]).inc();
+    }
+    fn unauthenticated(&self) {
+        self.unauthenticated.inc();
+    }
 }
 
 /// Loads the folder, opens the store, binds both listeners and starts serving.
@@ -234,22 +338,52 @@ pub async fn start(args: &ControlPlaneArgs) -> anyhow::Result<Running> {
     for warning in store.warnings() {
         tracing::warn!(%warning, "store");
     }
+    let security = args.security.clone();
+    let ca = tokio::task::spawn_blocking(move || ca_settings(&security)).await.context("loading the CA")??;
     let grpc = TcpListener::bind(args.listen).await.with_context(|| format!("--listen {}", args.listen))?;
+    let grpc_tls = match &ca {
+        Some(_) => Some(
+            TcpListener::bind(args.security.listen_tls)
+                .await
+                .with_context(|| format!("--listen-tls {}", args.security.listen_tls))?,
+        ),
+        None => None,
+    };
     let monitoring =
         TcpListener::bind(args.monitoring).await.with_context(|| format!("--monitoring {}", args.monitoring))?;
-    let bound = Bound { listen: grpc.local_addr()?, monitoring: monitoring.local_addr()? };
+    let listen_tls = grpc_tls.as_ref().map(TcpListener::local_addr).transpose()?;
+    let bound = Bound { listen: grpc.local_addr()?, listen_tls, monitoring: monitoring.local_addr()? };
+    match &ca {
+        Some(settings) => tracing::info!(
+            listen_tls = ?bound.listen_tls,
+            trust_domain = %settings.trust_domain,
+            bootstrap_tokens = settings.tokens.len(),
+            max_cert_ttl = ?settings.max_ttl,
+            "mesh CA loaded: signing CSRs; TLS listener on"
+        ),
+        None => tracing::info!("no --ca-dir: the TLS listener (--listen-tls) and certificate signing are off"),
+    }
     let metrics = Arc::new(Metrics::new());
     let options = ServerOptions { observer: metrics.clone(), ..ServerOptions::default() };
-    let plane = ControlPlane::new(store.clone(), options);
+    let mut plane = ControlPlane::new(store.clone(), options);
+    if let Some(settings) = ca {
+        plane = plane.with_ca(settings);
+    }
     let (stop, stop_rx) = watch::channel(false);
-    let mut server_stop = stop_rx.clone();
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let plain = plane.clone().serve(grpc, stopped(stop_rx.clone()));
+    let tls_stop = stopped(stop_rx.clone());
     let server = tokio::spawn(async move {
-        plane
-            .serve(grpc, async move {
-                let _ = server_stop.wait_for(|s| *s).await;
-            })
-            .await
-            .context("gRPC server")
+        let plain = async { plain.await.context("gRPC server") };
+        match grpc_tls {
+            Some(listener) => {
+                let tls = async { plane.serve_tls(listener, tls_stop).await.context("gRPC TLS server") };
+                tokio::try_join!(plain, tls).map(|_| ())
+            }
+            None => plain.await,
+        }
     });
     let tasks = vec![
         tokio::spawn(serve_metrics(monitoring, metrics, stop_rx)),

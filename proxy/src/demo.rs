@@ -1,27 +1,54 @@
-//! `serin demo`: a local canary of `payment` on loopback. Starts 3 × v1 and 1 × v2
-//! demo upstreams, a sidecar routing 95/5 by an Istio config written from the
-//! embedded template, and a steady load; prints a live table per version once a
-//! second until Ctrl-C or `--duration`.
+//! `serin demo`: a local canary of `payment` on loopback, driven by the control plane.
+//!
+//! Starts 3 × v1 and 1 × v2 demo upstreams with a sidecar beside each (STRICT mutual
+//! TLS), the control plane in process (the code of `serin control-plane`, on free
+//! loopback ports, its state inside the demo folder) serving an Istio config written
+//! from the embedded template, a frontend sidecar that takes its config from the
+//! control plane over gRPC (as `serin sidecar --control-plane`), and a steady load.
+//! It prints a live table per version once a second and, every `--step-every`, shifts
+//! the weights through the management API (95/5, 75/25, then rollback), printing each
+//! push's ACKs and push-to-ACK time, until Ctrl-C or `--duration`. At the end it sums
+//! up which version answered while each split was in force.
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::fmt::Write as _;
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use hdrhistogram::Histogram;
-
 use serin_certs::{Ca, SpiffeId, write_workload};
+use serin_control_api::client::{ClientError, ManagementClient};
+use serin_control_api::pb;
 
+use crate::control_plane::{self, ControlPlaneArgs};
 use crate::demo_app::{AppConfig, DemoApp};
 use crate::demo_load::{LoadConfig, Outcome, Rate, run_load};
 use crate::sidecar::{self, SidecarArgs};
+use crate::snapshot::{RouteAction, Snapshot};
 use crate::state::Shared;
 use crate::upstream::split::SplitMode;
+use crate::xds_client;
 
 /// The embedded canary config; `{{ENDPOINTS}}` becomes one WorkloadEntry per pod.
+/// It starts with v2 dark (weight 0); the demo's steps change that.
 pub const TEMPLATE: &str = include_str!("demo/payment.yaml");
+
+/// The service the demo shifts.
+const SERVICE: &str = "payment";
+/// The versions the table always shows, stable first.
+const VERSIONS: [&str; 2] = ["v1", "v2"];
+/// The frontend sidecar's node id at the control plane.
+const FRONTEND_NODE: &str = "frontend";
+/// Time between weight steps when neither `--step-every` nor a short `--duration` says otherwise.
+const DEFAULT_STEP_EVERY: Duration = Duration::from_secs(8);
+/// How long one step waits for the sidecars' ACKs.
+const ACK_WAIT: Duration = Duration::from_secs(5);
+/// How long the frontend sidecar may take to get its first config.
+const FIRST_CONFIG_WAIT: Duration = Duration::from_secs(10);
 
 /// Options of `serin demo`.
 #[derive(Debug, Clone, clap::Args)]
@@ -29,6 +56,11 @@ pub struct DemoArgs {
     /// Stop after this long, e.g. `30s` or `30` (default: run until Ctrl-C).
     #[arg(long, value_parser = parse_duration)]
     pub duration: Option<Duration>,
+    /// Time between the weight steps pushed through the control plane (v1=95 v2=5,
+    /// v1=75 v2=25, rollback), e.g. `10s` (default: 8s, or a quarter of --duration
+    /// if shorter, so that every step shows).
+    #[arg(long, value_name = "DURATION", value_parser = parse_step_every)]
+    pub step_every: Option<Duration>,
     /// Requests per second of the built-in load.
     #[arg(long, default_value_t = 300)]
     pub rate: u32,
@@ -38,9 +70,22 @@ pub struct DemoArgs {
     /// Latency added by v2 (v1 adds 2ms).
     #[arg(long, default_value = "10ms", value_parser = humantime::parse_duration)]
     pub v2_latency: Duration,
-    /// Folder for the generated config (default: a new folder under the temp dir).
+    /// Folder for the certificates, the config and the control plane's state
+    /// (default: a new folder under the temp dir, removed at the end).
     #[arg(long)]
     pub dir: Option<PathBuf>,
+}
+
+impl DemoArgs {
+    /// The time between weight steps: `--step-every`, else 8 s, or a quarter of
+    /// `--duration` when that is shorter (three steps, then time to see the last).
+    pub fn step_every(&self) -> Duration {
+        match (self.step_every, self.duration) {
+            (Some(every), _) => every,
+            (None, Some(duration)) => DEFAULT_STEP_EVERY.min(duration / 4).max(Duration::from_millis(100)),
+            (None, None) => DEFAULT_STEP_EVERY,
+        }
+    }
 }
 
 /// A duration like `30s`, `2m`, or a plain number of seconds.
@@ -51,11 +96,69 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     }
 }
 
+/// Like [`parse_duration`], above zero.
+fn parse_step_every(text: &str) -> Result<Duration, String> {
+    let every = parse_duration(text)?;
+    if every.is_zero() {
+        return Err("the time between steps must be above 0".to_string());
+    }
+    Ok(every)
+}
+
+/// One weight change the demo pushes through the management API.
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    /// `set-weight payment v1=.. v2=..`.
+    Weights(u32, u32),
+    /// `rollback payment`: all to the stable subset.
+    Rollback,
+}
+
+/// The demo's steps, in order.
+const STEPS: [Step; 3] = [Step::Weights(95, 5), Step::Weights(75, 25), Step::Rollback];
+
+impl Step {
+    /// What `serin ctl` would be asked: `set-weight payment v1=95 v2=5`.
+    fn command(self) -> String {
+        match self {
+            Step::Weights(v1, v2) => format!("set-weight {SERVICE} v1={v1} v2={v2}"),
+            Step::Rollback => format!("rollback {SERVICE}"),
+        }
+    }
+
+    /// The step's name in the summary.
+    fn origin(self, index: usize) -> String {
+        match self {
+            Step::Weights(..) => format!("step {}", index + 1),
+            Step::Rollback => "rollback".to_string(),
+        }
+    }
+}
+
+/// A split while it was in force, and which version answered the requests sent then.
+#[derive(Debug)]
+struct Phase {
+    /// `v1=95 v2=5`.
+    split: String,
+    /// `config`, `step 1`, `rollback`, …
+    origin: String,
+    /// When it was in force on the frontend sidecar (its ACK had come back).
+    from: Instant,
+    /// When the next push started; requests sent from then until the next ACK are
+    /// left out, since either split may have routed them.
+    until: Option<Instant>,
+    /// Answers per version.
+    counts: BTreeMap<String, u64>,
+    /// Requests with no answer.
+    errors: u64,
+}
+
 /// Per-version figures of the built-in load.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Table {
     versions: BTreeMap<String, VersionStats>,
     errors: u64,
+    phases: Vec<Phase>,
 }
 
 #[derive(Debug)]
@@ -78,8 +181,39 @@ impl Default for VersionStats {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every writer leaves the table consistent, so a poisoned lock holds usable data.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl Table {
+    /// An empty table with a row per version, and the first split in force from `from`.
+    fn new(split: String, from: Instant) -> Table {
+        Table {
+            versions: VERSIONS.iter().map(|v| (v.to_string(), VersionStats::default())).collect(),
+            errors: 0,
+            phases: vec![Phase {
+                split,
+                origin: "config".into(),
+                from,
+                until: None,
+                counts: BTreeMap::new(),
+                errors: 0,
+            }],
+        }
+    }
+
     fn record(&mut self, o: &Outcome<'_>) {
+        let now = Instant::now();
+        let sent = now.checked_sub(o.service_time).unwrap_or(now);
+        if let Some(phase) = self.phases.iter_mut().rev().find(|p| p.from <= sent)
+            && phase.until.is_none_or(|until| sent < until)
+        {
+            match o.version {
+                Some(version) => *phase.counts.entry(version.to_string()).or_default() += 1,
+                None => phase.errors += 1,
+            }
+        }
         let Some(version) = o.version else {
             self.errors += 1;
             return;
@@ -92,36 +226,63 @@ impl Table {
         let _ = stats.latency.record((o.latency.as_micros() as u64).max(1));
     }
 
-    fn render(&mut self, elapsed: Duration, interval: Duration, security: &BTreeMap<String, String>) -> String {
+    /// A push starts: the split in force ends at `at`.
+    fn end_phase(&mut self, at: Instant) {
+        if let Some(phase) = self.phases.last_mut() {
+            phase.until = Some(at);
+        }
+    }
+
+    /// A push was ACKed: `split` is in force from `at`.
+    fn begin_phase(&mut self, split: String, origin: String, at: Instant) {
+        self.phases.push(Phase { split, origin, from: at, until: None, counts: BTreeMap::new(), errors: 0 });
+    }
+
+    fn render(
+        &mut self,
+        elapsed: Duration,
+        interval: Duration,
+        config: &str,
+        security: &BTreeMap<String, String>,
+    ) -> String {
         let total: u64 = self.versions.values().map(|v| v.requests).sum();
+        let recent: u64 = self.versions.values().map(|v| v.requests - v.last_requests).sum();
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "\n[{:>5.1}s] payment canary through the sidecar ({} requests)",
+            "\n[{:>5.1}s] payment through the frontend sidecar ({total} requests) · {config}",
             elapsed.as_secs_f64(),
-            total
         );
         let _ = writeln!(
             out,
-            "{:<8} {:>9} {:>7} {:>8} {:>9} {:>9} {:>9}  security (seen by the pods)",
-            "version", "requests", "rps", "share", "success", "p50", "p99"
+            "{:<8} {:>9} {:>6} {:>8} {:>8} {:>8} {:>9} {:>9}  security (seen by the pods)",
+            "version", "requests", "rps", "now", "overall", "success", "p50", "p99"
         );
         for (version, s) in &mut self.versions {
-            let rps = (s.requests - s.last_requests) as f64 / interval.as_secs_f64();
+            let new = s.requests - s.last_requests;
             s.last_requests = s.requests;
+            let rps = new as f64 / interval.as_secs_f64();
+            let now = 100.0 * new as f64 / recent.max(1) as f64;
             let share = 100.0 * s.requests as f64 / total.max(1) as f64;
             let success = 100.0 * s.ok as f64 / s.requests.max(1) as f64;
-            let p = |q: f64| Duration::from_micros(s.latency.value_at_quantile(q));
+            let p = |q: f64| {
+                if s.requests == 0 {
+                    "-".to_string()
+                } else {
+                    format!("{:.1}ms", Duration::from_micros(s.latency.value_at_quantile(q)).as_secs_f64() * 1e3)
+                }
+            };
             let _ = writeln!(
                 out,
-                "{:<8} {:>9} {:>7.0} {:>7.2}% {:>8.2}% {:>9} {:>9}  {}",
+                "{:<8} {:>9} {:>6.0} {:>7.2}% {:>7.2}% {:>7.2}% {:>9} {:>9}  {}",
                 version,
                 s.requests,
                 rps,
+                now,
                 share,
                 success,
-                format!("{:.1}ms", p(0.5).as_secs_f64() * 1e3),
-                format!("{:.1}ms", p(0.99).as_secs_f64() * 1e3),
+                p(0.5),
+                p(0.99),
                 security.get(version.as_str()).map_or("-", String::as_str),
             );
         }
@@ -130,6 +291,78 @@ impl Table {
         }
         out
     }
+
+    /// Which version answered while each split was in force.
+    fn summary(&self) -> String {
+        let mut out = String::from(
+            "\nrequests per version while each split was in force (sent after its ACK, before the next push):\n",
+        );
+        let width = self.phases.iter().map(|p| p.split.len()).max().unwrap_or(0);
+        for phase in &self.phases {
+            let total: u64 = phase.counts.values().sum();
+            let mut versions: Vec<String> = VERSIONS.iter().map(|v| v.to_string()).collect();
+            versions.extend(phase.counts.keys().filter(|k| !VERSIONS.contains(&k.as_str())).cloned());
+            let parts: Vec<String> = versions
+                .iter()
+                .map(|v| {
+                    let n = phase.counts.get(v).copied().unwrap_or(0);
+                    format!("{v} {n} ({:.2}%)", 100.0 * n as f64 / total.max(1) as f64)
+                })
+                .collect();
+            let _ = write!(
+                out,
+                "  {:<width$}  {:<9} {:>7} requests: {}",
+                phase.split,
+                phase.origin,
+                total,
+                parts.join(", ")
+            );
+            if phase.errors > 0 {
+                let _ = write!(out, ", no answer {}", phase.errors);
+            }
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// The weights of the `payment` route named `split` in `snapshot` (0-weight
+/// destinations are not in a compiled route, so they read as 0).
+fn split_weights(snapshot: &Snapshot) -> BTreeMap<String, u32> {
+    let mut weights: BTreeMap<String, u32> = VERSIONS.iter().map(|v| (v.to_string(), 0)).collect();
+    let route = snapshot.virtual_hosts.iter().flat_map(|vh| vh.routes.iter()).find(|r| {
+        r.name == "split"
+            && matches!(&r.action, RouteAction::Forward(w) if w.destinations.iter().all(|d| d.cluster.service.name == SERVICE))
+    });
+    if let Some(RouteAction::Forward(w)) = route.map(|r| &r.action) {
+        for d in &w.destinations {
+            weights.insert(d.cluster.subset.clone().unwrap_or_else(|| "-".into()), d.weight);
+        }
+    }
+    weights
+}
+
+/// `v1=95 v2=5`.
+fn describe_weights<'a>(weights: impl IntoIterator<Item = (&'a String, &'a u32)>) -> String {
+    let mut pairs: Vec<(&String, &u32)> = weights.into_iter().collect();
+    pairs.sort();
+    pairs.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
+}
+
+/// What the frontend sidecar routes by now: `split v1 95% / v2 5% · routes version 3
+/// from the control plane`.
+fn frontend_config(shared: &Shared) -> String {
+    let snapshot = shared.snapshot.load();
+    let weights = split_weights(&snapshot);
+    let sum: u32 = weights.values().sum();
+    let split: Vec<String> =
+        weights.iter().map(|(v, w)| format!("{v} {:.0}%", 100.0 * f64::from(*w) / f64::from(sum.max(1)))).collect();
+    let routes = snapshot
+        .version
+        .split(',')
+        .find_map(|part| part.strip_prefix("routes="))
+        .map_or_else(|| snapshot.version.clone(), str::to_string);
+    format!("split {} · routes version {routes} from the control plane", split.join(" / "))
 }
 
 /// PeerAuthentication for the payment pods' sidecars: mutual TLS only.
@@ -166,7 +399,7 @@ fn label<'l>(line: &'l str, name: &str) -> Option<&'l str> {
 }
 
 /// Whether a plaintext request straight to a STRICT sidecar is refused.
-async fn plaintext_refused(inbound: std::net::SocketAddr) -> bool {
+async fn plaintext_refused(inbound: SocketAddr) -> bool {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let Ok(mut stream) = tokio::net::TcpStream::connect(inbound).await else { return true };
     if stream.write_all(b"GET / HTTP/1.1\r\nHost: payment\r\n\r\n").await.is_err() {
@@ -195,7 +428,7 @@ fn sidecar_counts(metrics: &str) -> String {
 }
 
 /// The config text for the given pods: `(version, address of the pod's inbound sidecar)` pairs.
-pub fn render_config(pods: &[(&str, std::net::SocketAddr)]) -> String {
+pub fn render_config(pods: &[(&str, SocketAddr)]) -> String {
     let mut entries = String::new();
     for (i, (version, addr)) in pods.iter().enumerate() {
         let _ = write!(
@@ -208,20 +441,26 @@ pub fn render_config(pods: &[(&str, std::net::SocketAddr)]) -> String {
     TEMPLATE.replace("{{ENDPOINTS}}\n", &entries)
 }
 
-/// One payment pod: its app and the sidecar beside it (inbound, STRICT mTLS).
+/// One payment pod: its app and the sidecar beside it (inbound, STRICT mutual TLS).
 struct Pod {
     version: &'static str,
     app: DemoApp,
     sidecar: Arc<Shared>,
-    inbound: std::net::SocketAddr,
+    inbound: SocketAddr,
     data: tokio::task::JoinHandle<()>,
 }
 
 /// Options of a demo sidecar on loopback with ephemeral ports.
-fn sidecar_args(config: PathBuf, cert_dir: PathBuf, workload: &str, app_label: &str, version: &str) -> SidecarArgs {
-    let any: std::net::SocketAddr = ([127, 0, 0, 1], 0).into();
+fn sidecar_args(
+    config: Option<PathBuf>,
+    cert_dir: PathBuf,
+    workload: &str,
+    app_label: &str,
+    version: &str,
+) -> SidecarArgs {
+    let any: SocketAddr = ([127, 0, 0, 1], 0).into();
     SidecarArgs {
-        config: Some(config),
+        config,
         outbound: any,
         inbound: any,
         app: ([127, 0, 0, 1], 8080).into(),
@@ -236,17 +475,137 @@ fn sidecar_args(config: PathBuf, cert_dir: PathBuf, workload: &str, app_label: &
         cert_dir: Some(cert_dir),
         split: SplitMode::Exact,
         drain_timeout: Duration::from_secs(2),
+        outbound_traffic_policy: Default::default(),
         control_plane: Default::default(),
     }
 }
 
+/// The options of `serin control-plane` for the demo: its two folders, and every
+/// listener (any option whose default is an address) on a free loopback port. Parsed
+/// from flags, so that options added to the control plane keep their defaults here.
+fn control_plane_args(config_dir: &Path, state_dir: &Path) -> anyhow::Result<ControlPlaneArgs> {
+    #[derive(clap::Parser)]
+    struct Flags {
+        #[command(flatten)]
+        args: ControlPlaneArgs,
+    }
+    let mut argv: Vec<OsString> =
+        vec!["control-plane".into(), "--config-dir".into(), config_dir.into(), "--state-dir".into(), state_dir.into()];
+    let command = <Flags as clap::CommandFactory>::command();
+    for arg in command.get_arguments() {
+        let listens =
+            arg.get_default_values().iter().any(|d| d.to_str().is_some_and(|d| d.parse::<SocketAddr>().is_ok()));
+        if let Some(long) = arg.get_long().filter(|_| listens) {
+            argv.push(format!("--{long}").into());
+            argv.push("127.0.0.1:0".into());
+        }
+    }
+    <Flags as clap::Parser>::try_parse_from(argv).map(|f| f.args).context("control plane options for the demo")
+}
+
 /// Issues `spiffe://cluster.local/ns/default/sa/<sa>` from `ca` into `dir/<sa>`.
-fn issue_identity(ca: &Ca, dir: &std::path::Path, sa: &str) -> anyhow::Result<PathBuf> {
+fn issue_identity(ca: &Ca, dir: &Path, sa: &str) -> anyhow::Result<PathBuf> {
     let id: SpiffeId = format!("spiffe://cluster.local/ns/default/sa/{sa}").parse()?;
     let cert = ca.issue(&id, serin_certs::DEFAULT_WORKLOAD_LIFETIME)?;
     let out = dir.join("identities").join(sa);
     write_workload(&out, &cert)?;
     Ok(out)
+}
+
+/// Waits until the sidecar has applied its first config from the control plane (what
+/// its readiness waits for), or fails with the reason after [`FIRST_CONFIG_WAIT`].
+async fn wait_first_config(shared: &Shared) -> anyhow::Result<()> {
+    let deadline = Instant::now() + FIRST_CONFIG_WAIT;
+    while let Some(reason) = xds_client::waiting_for_first_config(shared) {
+        if Instant::now() >= deadline {
+            anyhow::bail!("the frontend sidecar got no config within {FIRST_CONFIG_WAIT:?}: {reason}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// `ACKed by 1/1 sidecar(s) (frontend), push-to-ACK 2 ms`, or what went wrong.
+fn describe_acks(ack: Option<&pb::AckResult>) -> String {
+    let Some(ack) = ack else {
+        return "the control plane did not report the ACKs".to_string();
+    };
+    let nodes = |state: &str| -> Vec<&str> {
+        ack.nodes.iter().filter(|n| n.state == state).map(|n| n.node_id.as_str()).collect()
+    };
+    if ack.nacked > 0 {
+        let errors: Vec<String> =
+            ack.nodes.iter().filter(|n| n.state == "NACKED").map(|n| format!("{}: {}", n.node_id, n.error)).collect();
+        return format!("NACKED by {}/{} sidecar(s): {}", ack.nacked, ack.total, errors.join("; "));
+    }
+    if ack.timed_out {
+        return format!(
+            "only {}/{} sidecar(s) ACKed within {ACK_WAIT:?}; waiting on {}",
+            ack.acked,
+            ack.total,
+            nodes("PENDING").join(", ")
+        );
+    }
+    if ack.total == 0 {
+        return "no sidecar subscribed to ACK it".to_string();
+    }
+    let slowest = if ack.slowest_ms == 0 { "<1 ms".to_string() } else { format!("{} ms", ack.slowest_ms) };
+    format!("ACKed by {}/{} sidecar(s) ({}) · push-to-ACK {slowest}", ack.acked, ack.total, nodes("ACKED").join(", "))
+}
+
+/// Pushes the demo's steps through the management API at `control_plane`, one every
+/// `every` from `started`, each waiting for the ACKs; prints a line per push and
+/// keeps `table`'s phases in step.
+async fn run_steps(control_plane: String, started: Instant, every: Duration, table: Arc<Mutex<Table>>) {
+    let mut client = match ManagementClient::connect(&control_plane).await {
+        Ok(client) => client,
+        Err(e) => {
+            println!(">> weight steps skipped: {e}");
+            return;
+        }
+    };
+    for (index, step) in STEPS.into_iter().enumerate() {
+        let at = started + every * (index as u32 + 1);
+        tokio::time::sleep_until(at.into()).await;
+        let sent = Instant::now();
+        lock(&table).end_phase(sent);
+        let result: Result<pb::ChangeResult, ClientError> = match step {
+            Step::Weights(v1, v2) => {
+                let weights = BTreeMap::from([("v1".to_string(), v1), ("v2".to_string(), v2)]);
+                client.set_weights(SERVICE, &weights, Some(ACK_WAIT)).await
+            }
+            Step::Rollback => client.rollback(SERVICE, Some(ACK_WAIT)).await,
+        };
+        let returned = Instant::now();
+        let head = format!(
+            ">> [{:>5.1}s] step {}/{}: {}",
+            sent.duration_since(started).as_secs_f64(),
+            index + 1,
+            STEPS.len(),
+            step.command()
+        );
+        match result {
+            Ok(change) => {
+                let weights = describe_weights(&change.weights);
+                lock(&table).begin_phase(weights.clone(), step.origin(index), returned);
+                let what = match step {
+                    Step::Rollback => format!(" ({weights})"),
+                    Step::Weights(..) => String::new(),
+                };
+                let unchanged = if change.changed { "" } else { " (unchanged)" };
+                println!(
+                    "{head}{what} → routes version {}{unchanged}: {} · the call returned in {} ms",
+                    change.version,
+                    describe_acks(change.ack.as_ref()),
+                    returned.duration_since(sent).as_millis()
+                );
+            }
+            Err(e) => {
+                lock(&table).begin_phase("?".into(), format!("{} (failed)", step.origin(index)), returned);
+                println!("{head} failed: {e}");
+            }
+        }
+    }
 }
 
 /// Runs the demo until Ctrl-C or `--duration`.
@@ -255,9 +614,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         Some(d) => d.clone(),
         None => std::env::temp_dir().join(format!("serin-demo-{}", std::process::id())),
     };
-    let frontend_config = dir.join("frontend");
     let payment_config = dir.join("payment");
-    for d in [&frontend_config, &payment_config] {
+    let cp_config = dir.join("control-plane").join("config");
+    let cp_state = dir.join("control-plane").join("state");
+    // A fresh state: weights a previous run set through the API would win over the config.
+    if cp_state.exists() {
+        std::fs::remove_dir_all(&cp_state).with_context(|| format!("clearing {}", cp_state.display()))?;
+    }
+    for d in [&payment_config, &cp_config, &cp_state] {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
     // The mesh CA and one identity per service account, as `serin ca` would make them.
@@ -270,7 +634,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let mut pods = Vec::new();
     for (version, count) in [("v1", 3), ("v2", 1)] {
         for i in 0..count {
-            let mut cfg = AppConfig::new("payment", version);
+            let mut cfg = AppConfig::new(SERVICE, version);
             if version == "v2" {
                 cfg.error_rate = args.v2_error_rate;
                 cfg.latency = args.v2_latency;
@@ -279,10 +643,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             }
             let app = DemoApp::start(([127, 0, 0, 1], 0).into(), cfg).await.context("starting a demo upstream")?;
             let mut pod_args = sidecar_args(
-                payment_config.clone(),
+                Some(payment_config.clone()),
                 payment_id.clone(),
                 &format!("payment-{version}-{i}"),
-                "payment",
+                SERVICE,
                 version,
             );
             pod_args.app = app.addr();
@@ -290,18 +654,42 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             pods.push(Pod { version, app, sidecar, inbound: bound.inbound, data });
         }
     }
-    let endpoints: Vec<(&str, std::net::SocketAddr)> = pods.iter().map(|p| (p.version, p.inbound)).collect();
-    let config_path = frontend_config.join("payment.yaml");
+
+    // The control plane serves the mesh config; the frontend sidecar subscribes to it.
+    let endpoints: Vec<(&str, SocketAddr)> = pods.iter().map(|p| (p.version, p.inbound)).collect();
+    let config_path = cp_config.join("payment.yaml");
     std::fs::write(&config_path, render_config(&endpoints))
         .with_context(|| format!("writing {}", config_path.display()))?;
-    let (shared, bound, data) =
-        sidecar::start(&sidecar_args(frontend_config.clone(), frontend_id, "frontend", "frontend", "v1")).await?;
+    let plane = control_plane::start(&control_plane_args(&cp_config, &cp_state)?)
+        .await
+        .context("starting the demo's control plane")?;
+    let cp_addr = plane.bound.listen.to_string();
+    let mut frontend_args = sidecar_args(None, frontend_id, "frontend", "frontend", "v1");
+    frontend_args.control_plane.address = Some(cp_addr.clone());
+    frontend_args.control_plane.node_id = Some(FRONTEND_NODE.to_string());
+    let (shared, bound, data) = sidecar::start(&frontend_args).await?;
+    wait_first_config(&shared).await?;
 
-    println!("serin demo: payment v1 ×3 (stable) and v2 ×1 (canary), a sidecar beside every pod, 95/5");
+    let every = args.step_every();
+    let steps: Vec<String> = STEPS.iter().map(|s| s.command()).collect();
+    println!(
+        "serin demo: payment v1 ×3 (stable) and v2 ×1 (canary), a sidecar beside every pod, mutual TLS between them"
+    );
+    println!("  control plane     {cp_addr} (gRPC)   metrics http://{}/metrics", plane.bound.monitoring);
+    println!("                    try: serin ctl --control-plane {cp_addr} status");
     println!("  frontend sidecar  http://{}/   (Host: payment)  → mutual TLS → payment sidecars", bound.outbound);
+    println!(
+        "                    config pushed by the control plane (node {FRONTEND_NODE}), now: {}",
+        frontend_config(&shared)
+    );
     println!("  metrics           http://{}/stats/prometheus", bound.metrics);
     println!("  admin             http://{}/config_dump   /clusters", bound.admin);
-    println!("  config            {}   (edit the weights: the sidecar reloads it)", config_path.display());
+    println!("  config            {}   (served by the control plane: edits are pushed)", config_path.display());
+    println!(
+        "  weight steps      every {:.1}s through the management API: {}",
+        every.as_secs_f64(),
+        steps.join(", then ")
+    );
     println!("  try               curl -H 'Host: payment' -H 'x-canary: always' http://{}/", bound.outbound);
     let refused = plaintext_refused(pods[0].inbound).await;
     println!(
@@ -309,19 +697,21 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         if refused { "refused" } else { "NOT refused (unexpected)" }
     );
 
-    let table = Arc::new(Mutex::new(Table::default()));
+    let started = Instant::now();
+    let initial = describe_weights(&split_weights(&shared.snapshot.load()));
+    let table = Arc::new(Mutex::new(Table::new(initial, started)));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut load = LoadConfig::new(bound.outbound, "payment");
+    let mut load = LoadConfig::new(bound.outbound, SERVICE);
     load.rate = Rate::PerSecond(args.rate.max(1));
     load.connections = 16;
     load.duration = args.duration;
     let sink = table.clone();
     let load_task = tokio::spawn(run_load(load, stop_rx, move |_slot| {
         let sink = sink.clone();
-        move |o: &Outcome<'_>| sink.lock().unwrap_or_else(|e| e.into_inner()).record(o)
+        move |o: &Outcome<'_>| lock(&sink).record(o)
     }));
+    let steps_task = tokio::spawn(run_steps(cp_addr, started, every, table.clone()));
 
-    let started = Instant::now();
     let interval = Duration::from_secs(1);
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     let deadline = args.duration.map(|d| started + d);
@@ -329,7 +719,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         tokio::select! {
             _ = ticker.tick() => {
                 let security = security_by_version(&pods);
-                let text = table.lock().unwrap_or_else(|e| e.into_inner()).render(started.elapsed(), interval, &security);
+                let config = frontend_config(&shared);
+                let text = lock(&table).render(started.elapsed(), interval, &config, &security);
                 print!("{text}{}", sidecar_counts(&shared.metrics.encode()));
                 if deadline.is_some_and(|d| Instant::now() >= d) {
                     break;
@@ -340,6 +731,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     stop_tx.send_replace(true);
     let _ = load_task.await;
+    steps_task.abort();
+    let _ = steps_task.await;
+    print!("{}", lock(&table).summary());
     shared.drain.trigger();
     let _ = tokio::time::timeout(Duration::from_secs(3), data).await;
     for pod in pods {
@@ -347,9 +741,75 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         let _ = tokio::time::timeout(Duration::from_secs(3), pod.data).await;
         pod.app.shutdown().await;
     }
+    if let Err(e) = plane.shutdown(Duration::from_secs(3)).await {
+        tracing::warn!(error = %e, "the demo's control plane did not stop cleanly");
+    }
     if args.dir.is_none() {
         let _ = std::fs::remove_dir_all(&dir);
     }
-    println!("serin demo: stopped every upstream, the sidecars and the load");
+    println!("serin demo: stopped every upstream, the sidecars, the control plane and the load");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        demo: DemoArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<DemoArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("demo").chain(args.iter().copied())).map(|c| c.demo)
+    }
+
+    #[test]
+    fn steps_fit_in_a_short_duration() {
+        let every = |args: &[&str]| parse(args).expect("arguments parse").step_every();
+        assert_eq!(every(&[]), DEFAULT_STEP_EVERY);
+        assert_eq!(every(&["--duration", "20s"]), Duration::from_secs(5));
+        assert_eq!(every(&["--duration", "10m"]), DEFAULT_STEP_EVERY);
+        assert_eq!(every(&["--duration", "20s", "--step-every", "3s"]), Duration::from_secs(3));
+        assert!(parse(&["--step-every", "0"]).is_err());
+    }
+
+    #[test]
+    fn the_control_plane_listens_on_free_loopback_ports() {
+        let args = control_plane_args(Path::new("/c"), Path::new("/s")).expect("options");
+        assert_eq!(args.listen, SocketAddr::from(([127, 0, 0, 1], 0)));
+        assert_eq!(args.monitoring, SocketAddr::from(([127, 0, 0, 1], 0)));
+        assert_eq!(args.config_dir, Path::new("/c"));
+        assert_eq!(args.state_dir, Path::new("/s"));
+    }
+
+    #[test]
+    fn phases_count_requests_sent_while_their_split_was_in_force() {
+        let start = Instant::now();
+        let mut table = Table::new("v1=100 v2=0".into(), start);
+        let outcome = |version| Outcome {
+            result: Ok(http::StatusCode::OK),
+            version,
+            latency: Duration::ZERO,
+            service_time: Duration::ZERO,
+        };
+        table.record(&outcome(Some("v1")));
+        table.end_phase(Instant::now());
+        // Sent while the push was on its way: either split may have routed it.
+        table.record(&outcome(Some("v2")));
+        table.begin_phase("v1=95 v2=5".into(), "step 1".into(), Instant::now());
+        table.record(&outcome(Some("v2")));
+        table.record(&outcome(None));
+        assert_eq!(table.phases[0].counts.get("v1"), Some(&1));
+        assert_eq!(table.phases[0].counts.get("v2"), None);
+        assert_eq!(table.phases[1].counts.get("v2"), Some(&1));
+        assert_eq!(table.phases[1].errors, 1);
+        let summary = table.summary();
+        assert!(summary.contains("v1=100 v2=0  config          1 requests: v1 1 (100.00%), v2 0 (0.00%)"), "{summary}");
+        assert!(summary.contains("step 1"), "{summary}");
+        assert_eq!(table.versions["v2"].requests, 2);
+    }
 }

@@ -7,6 +7,13 @@
 //! the mesh roots; anything else is plaintext. PeerAuthentication decides what is
 //! accepted: STRICT refuses plaintext, DISABLE refuses TLS, PERMISSIVE (the
 //! default) takes both on the same port.
+//!
+//! Plaintext that is not HTTP is passed to the app as opaque TCP (after a
+//! connection-level AuthorizationPolicy check).
+//!
+//! A connection iptables redirected here (`serin iptables`) goes to the app on
+//! the port the caller dialled, on loopback; one that dialled this listener
+//! itself goes to `--app`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -17,15 +24,20 @@ use std::time::{Duration, SystemTime};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::flags::ResponseFlags;
 use crate::forward::{ConnInfo, RouteSource, listener};
+use crate::metrics::TcpInfo;
+use crate::original_dst;
 use crate::request_info::{PeerTls, Reporter};
 use crate::security::MtlsMode;
 use crate::snapshot::{
     Cluster, Endpoint, EndpointRegistry, HeaderOps, HostPattern, RetryOn, RetryPolicy, Route, RouteAction,
     RouteDestination, ServiceInfo, Snapshot, TrafficPolicy, VirtualHost, WeightedDestinations,
 };
+use crate::sniff::{self, Detected};
 use crate::state::LocalWorkload;
 use crate::state::Shared;
+use crate::tcp_proxy;
 
 /// The inbound snapshot: any host, any path → the app at `app`. Istio's inbound
 /// default retry (`reset-before-request`) becomes one retry on connect failure.
@@ -36,6 +48,7 @@ pub fn snapshot(app: SocketAddr, inbound_port: u16, local: &LocalWorkload, regis
         name: local.app.clone(),
         namespace: local.namespace.clone(),
         ports: vec![(app.port(), "HTTP".into())],
+        addresses: Vec::new(),
     });
     let endpoint = Arc::new(Endpoint {
         addr: app,
@@ -109,13 +122,25 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, app_port: u16, dr
     let builder = listener::http_builder();
     let labels = Arc::new(local_labels(&shared.local));
     let accept_shared = shared.clone();
+    let mut captured_ports = CapturedPorts::default();
     listener::accept_loop(listener, &accept_shared, |stream, remote| {
         let (shared, builder, labels, watcher) = (shared.clone(), builder.clone(), labels.clone(), graceful.watcher());
+        let local = stream.local_addr().unwrap_or(remote);
+        // Captured by iptables: the app listens on the port the caller dialled;
+        // otherwise the caller dialled this listener and the app is `--app`.
+        let (routes, local, port) = match original_dst::redirected(&stream) {
+            Some(dst) if dst.port() != app_port => (captured_ports.routes(&shared, dst, local.port()), dst, dst.port()),
+            Some(dst) => (RouteSource::Inbound, dst, app_port),
+            None => (RouteSource::Inbound, local, app_port),
+        };
         tokio::spawn(async move {
-            let local = stream.local_addr().unwrap_or(remote);
-            let mut info = ConnInfo::new(remote, local, Reporter::Destination, RouteSource::Inbound);
-            match accept(stream, &shared, &labels, app_port).await {
-                Some(Accepted::Plain(stream)) => listener::serve_http_watched(&builder, watcher, stream, shared, info),
+            let mut info = ConnInfo::new(remote, local, Reporter::Destination, routes);
+            match accept(stream, &shared, &labels, port).await {
+                Some(Accepted::Plain(stream)) => match sniff::detect(&stream).await {
+                    Detected::Http => listener::serve_http_watched(&builder, watcher, stream, shared, info),
+                    Detected::Closed => {}
+                    Detected::Tls | Detected::Tcp => opaque(stream, &shared, &info, &labels, port).await,
+                },
                 Some(Accepted::Tls(stream, peer)) => {
                     info.peer = Some(peer);
                     listener::serve_http_watched(&builder, watcher, *stream, shared, info);
@@ -126,6 +151,62 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, app_port: u16, dr
     })
     .await;
     listener::drain_connections(graceful, drain_deadline).await;
+}
+
+/// A plaintext connection that is not HTTP (a database protocol, say): checked
+/// against AuthorizationPolicy at the connection level, then passed to the app
+/// as it is, recorded in the `istio_tcp_*` metrics.
+async fn opaque(stream: TcpStream, shared: &Shared, info: &ConnInfo, labels: &[(String, String)], port: u16) {
+    let snapshot = match &info.routes {
+        RouteSource::Own(routes) => routes.load_full(),
+        _ => shared.inbound.load_full(),
+    };
+    let Some(cluster) = snapshot.clusters.values().next().cloned() else { return };
+    let Some(endpoint) = cluster.endpoints.first().cloned() else { return };
+    let tcp = TcpInfo::new(Reporter::Destination);
+    let policies = shared.snapshot.load();
+    if policies.security.has_authorization(&shared.local.namespace, labels) {
+        let attrs = crate::security::ConnAttrs {
+            source_principal: None,
+            source_namespace: None,
+            source_ip: info.remote.ip(),
+            port,
+        };
+        if let crate::security::Decision::Deny { policy } =
+            policies.security.authorize_tcp(&shared.local.namespace, labels, &attrs)
+        {
+            tracing::debug!(%policy, remote = %info.remote, port, "TCP connection denied by AuthorizationPolicy");
+            return tcp_proxy::refused(shared, tcp, Some(cluster), ResponseFlags::RBAC_DENIED);
+        }
+    }
+    drop(policies);
+    tcp_proxy::proxy(shared, stream, &[], tcp, cluster, endpoint, "inbound").await;
+}
+
+/// The inbound routes of each captured port other than `--app`'s: the app on
+/// that port on loopback (built on first use; the inbound routes do not depend
+/// on the config).
+#[derive(Default)]
+struct CapturedPorts {
+    routes: HashMap<u16, RouteSource>,
+}
+
+impl CapturedPorts {
+    fn routes(&mut self, shared: &Shared, dst: SocketAddr, inbound_port: u16) -> RouteSource {
+        self.routes
+            .entry(dst.port())
+            .or_insert_with(|| {
+                let loopback: std::net::IpAddr = if dst.is_ipv6() && !dst.ip().to_canonical().is_ipv4() {
+                    std::net::Ipv6Addr::LOCALHOST.into()
+                } else {
+                    std::net::Ipv4Addr::LOCALHOST.into()
+                };
+                let app = SocketAddr::new(loopback, dst.port());
+                let snapshot = snapshot(app, inbound_port, &shared.local, &shared.registry);
+                RouteSource::Own(Arc::new(arc_swap::ArcSwap::from_pointee(snapshot)))
+            })
+            .clone()
+    }
 }
 
 /// The local workload's labels, as PeerAuthentication and AuthorizationPolicy selectors see them.

@@ -51,6 +51,16 @@ impl MeshIdentity {
         self.source.get().and_then(|s| s.last_error())
     }
 
+    /// Where the certificates come from (`files:<dir>`, `control-plane:<address>`).
+    pub fn origin(&self) -> Option<String> {
+        self.source.get().map(|s| s.origin())
+    }
+
+    /// When the source next renews the certificate by itself, if it does.
+    pub fn next_renewal(&self) -> Option<std::time::SystemTime> {
+        self.source.get().and_then(|s| s.next_renewal())
+    }
+
     /// The mutual-TLS settings for a connection to `endpoint` of `cluster`, or
     /// `None` for plaintext. `upgrade` asks for HTTP/1.1 (an upgrade cannot ride
     /// HTTP/2); otherwise the client offers `h2` first.

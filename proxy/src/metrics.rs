@@ -856,6 +856,7 @@ mod tests {
                 name: "payment".into(),
                 namespace: "default".into(),
                 ports: vec![(8080, "HTTP".into())],
+                addresses: Vec::new(),
             }),
             subset: Some(subset.into()),
             port: 8080,

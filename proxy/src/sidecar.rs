@@ -9,8 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::access_log::AccessLog;
-use crate::forward::{RouteSource, listener};
-use crate::request_info::Reporter;
+use crate::forward::listener;
 use crate::snapshot::Snapshot;
 use crate::state::{LocalWorkload, Shared};
 use crate::upstream::split::SplitMode;
@@ -55,7 +54,8 @@ pub struct SidecarArgs {
     pub app_version: String,
     /// Folder with this workload's identity (`key.pem`, `cert-chain.pem`,
     /// `root-cert.pem`, as `serin ca issue` writes them); reloaded when it changes.
-    /// Without it, the sidecar speaks plaintext only.
+    /// Without it, the identity comes from the control plane's CA when
+    /// `--bootstrap-token-file` is given, else the sidecar speaks plaintext only.
     #[arg(long, env = "SERIN_CERT_DIR")]
     pub cert_dir: Option<PathBuf>,
     /// Turn the JSON access log on stdout off.
@@ -68,8 +68,14 @@ pub struct SidecarArgs {
     /// How long a drain lets requests in flight finish.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
+    /// Captured traffic to destinations the registry does not know: on to where
+    /// it was going (`ALLOW_ANY`, Istio's default) or refused (`REGISTRY_ONLY`).
+    #[arg(long, value_enum, env = "SERIN_OUTBOUND_TRAFFIC_POLICY", default_value = "ALLOW_ANY")]
+    pub outbound_traffic_policy: crate::outbound::OutboundPolicy,
     /// `--control-plane`, `--node-id`, `--subscribe`: config pushed by `serin
-    /// control-plane` instead of `--config` (the two are not taken together).
+    /// control-plane` instead of `--config` (the two are not taken together); with
+    /// `--ca-root`, `--bootstrap-token-file`, `--service-account`, `--trust-domain`,
+    /// `--cert-ttl`: TLS to it and an identity from its CA (see `cert_client`).
     #[command(flatten)]
     pub control_plane: xds_client::ControlPlaneArgs,
 }
@@ -95,21 +101,17 @@ pub async fn start(args: &SidecarArgs) -> anyhow::Result<(Arc<Shared>, Bound, to
         version: args.app_version.clone(),
         principal: "unknown".into(),
     };
-    let identity = match &args.cert_dir {
-        Some(dir) => {
-            let (watcher, _task) = serin_certs::IdentityWatcher::spawn(dir)
-                .map_err(|e| anyhow::anyhow!("workload identity in {}: {e}", dir.display()))?;
-            let id = serin_certs::CertSource::current(&watcher).identity().spiffe_id().to_string();
-            tracing::info!(identity = %id, dir = %dir.display(), "workload identity loaded");
-            local.principal = id;
-            Some(watcher)
-        }
-        None => None,
-    };
+    // The identity: `--cert-dir` files, else a certificate from the control plane's CA
+    // (`--bootstrap-token-file`), else none (plaintext only). See `cert_client`.
+    let identity =
+        crate::cert_client::identity_source(args.cert_dir.as_deref(), &args.control_plane, &args.namespace).await?;
+    if let Some(source) = &identity {
+        local.principal = source.current().identity().spiffe_id().to_string();
+    }
     let access_log = AccessLog::new(!args.no_access_log).with_local(&local);
     let shared = Shared::with_split(Snapshot::empty("none"), local, access_log, args.split);
-    if let Some(watcher) = identity {
-        shared.mesh.set_source(Arc::new(watcher));
+    if let Some(source) = identity {
+        shared.mesh.set_source(source);
     }
     if let Some(path) = &args.config {
         reload::reload_now(path, &shared).map_err(|e| anyhow::anyhow!("invalid config {}:\n{e}", path.display()))?;
@@ -127,22 +129,22 @@ pub async fn start(args: &SidecarArgs) -> anyhow::Result<(Arc<Shared>, Bound, to
         metrics: metrics_l.local_addr()?,
         health: health_l.local_addr()?,
     };
+    // After every bind (a listener that fails leaves no subscription behind) and
+    // before the health server (readiness must already wait for the first config).
+    if args.control_plane.address.is_some() {
+        xds_client::start(&args.control_plane, &shared)?;
+    }
     tokio::spawn(admin::serve_admin(admin_l, shared.clone()));
     tokio::spawn(admin::serve_metrics(metrics_l, shared.clone()));
     tokio::spawn(admin::serve_health(health_l, shared.clone()));
     shared.inbound.store(Arc::new(inbound::snapshot(args.app, bound.inbound.port(), &shared.local, &shared.registry)));
     tokio::spawn(inbound::serve(inbound_l, shared.clone(), args.app.port(), args.drain_timeout));
-    let data = tokio::spawn(listener::serve(
+    let data = tokio::spawn(crate::outbound::serve(
         outbound,
         shared.clone(),
-        Reporter::Source,
-        RouteSource::Outbound,
+        args.outbound_traffic_policy,
         args.drain_timeout,
     ));
-    // Last, so that a listener that fails to bind leaves no subscription behind.
-    if args.control_plane.address.is_some() {
-        xds_client::start(&args.control_plane, &shared)?;
-    }
     tracing::info!(outbound = %bound.outbound, inbound = %bound.inbound, app = %args.app, admin = %bound.admin, metrics = %bound.metrics, health = %bound.health, "sidecar ready");
     Ok((shared, bound, data))
 }

@@ -296,6 +296,16 @@ pub struct ServiceInfo {
     pub namespace: String,
     /// Port number → protocol name (`HTTP`, `HTTP2`, `GRPC`, `TCP`, …) from the ServiceEntry.
     pub ports: Vec<(u16, String)>,
+    /// The service's virtual addresses (ServiceEntry `addresses`): a connection
+    /// captured on its way to one of them, on one of `ports`, is for this service.
+    pub addresses: Vec<crate::security::IpBlock>,
+}
+
+impl ServiceInfo {
+    /// The declared protocol of `port` (upper case), if the service has that port.
+    pub fn protocol(&self, port: u16) -> Option<&str> {
+        self.ports.iter().find(|(p, _)| *p == port).map(|(_, proto)| proto.as_str())
+    }
 }
 
 /// A cluster: the endpoints of one service subset on one port, with their policy.
@@ -475,5 +485,13 @@ impl Snapshot {
             }
         }
         best.map(|(vh, _)| vh)
+    }
+
+    /// The service a captured connection was addressed to: one whose virtual
+    /// addresses hold `dst`'s IP and which has `dst`'s port.
+    pub fn service_by_addr(&self, dst: SocketAddr) -> Option<&Arc<ServiceInfo>> {
+        self.services
+            .values()
+            .find(|s| s.protocol(dst.port()).is_some() && s.addresses.iter().any(|b| b.contains(dst.ip())))
     }
 }

@@ -36,9 +36,9 @@ use crate::state::{LocalWorkload, Shared};
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct ControlPlaneArgs {
     /// Take the routing config from this control plane (`host:15010` or
-    /// `http://host:15010`) instead of `--config`: the sidecar subscribes, applies each
-    /// push, ACKs or NACKs it, and keeps the last good config while the control plane
-    /// is unreachable.
+    /// `http://host:15010`, or TLS: `https://host:15012` with `--ca-root`) instead of
+    /// `--config`: the sidecar subscribes, applies each push, ACKs or NACKs it, and keeps
+    /// the last good config while the control plane is unreachable.
     #[arg(long = "control-plane", value_name = "ADDR")]
     pub address: Option<String>,
     /// The node id sent to the control plane (default: `$POD_NAME`, else the host name
@@ -48,6 +48,10 @@ pub struct ControlPlaneArgs {
     /// Services to get config for (short names or FQDNs, comma-separated); none = all.
     #[arg(long = "subscribe", value_name = "SERVICE,...", value_delimiter = ',')]
     pub subscribe: Vec<String>,
+    /// `--ca-root`, `--bootstrap-token-file`, `--service-account`, `--trust-domain`,
+    /// `--cert-ttl`: TLS to the control plane (`https://`) and an identity from its CA.
+    #[command(flatten)]
+    pub identity: crate::cert_client::IdentityArgs,
 }
 
 /// Refuses option combinations that name two config sources, or control-plane options
@@ -135,14 +139,14 @@ pub fn start(args: &ControlPlaneArgs, shared: &Arc<Shared>) -> anyhow::Result<()
     let Some(address) = args.address.as_deref() else {
         anyhow::bail!("no --control-plane address");
     };
-    let endpoint = client::endpoint(address)?;
+    let transport = crate::cert_client::transport(address, &args.identity, shared)?;
     let node = node(args, &shared.local);
     let info =
         Arc::new(Mutex::new(Info { node_id: node.id.clone(), subscribe: args.subscribe.clone(), ..Info::default() }));
     let options = SubscribeOptions { resource_names: args.subscribe.clone(), ..SubscribeOptions::default() };
     let handler = handler(Arc::downgrade(shared), source_label(address), Arc::clone(&info));
     tracing::info!(control_plane = %address, node = %node.id, services = ?args.subscribe, "subscribing to the control plane");
-    let subscription = client::subscribe_with(endpoint, node, options, handler);
+    let subscription = client::subscribe_with_transport(transport, node, options, handler);
     if shared.control_plane.set(Subscribed { info, status: subscription.status() }).is_err() {
         anyhow::bail!("this sidecar already subscribes to a control plane");
     }
@@ -274,6 +278,27 @@ pub fn status_json(shared: &Shared) -> Value {
         "last_nack": outcome_json(info.last_nack.as_ref()),
         "last_nack_reason": status.last_nack,
     })
+}
+
+/// Why readiness must wait, as pilot-agent's does: `Some(reason)` while a sidecar
+/// subscribed to a control plane has not yet applied (and so ACKed) a first config
+/// from it; `None` once it has, or when the sidecar does not subscribe. A sidecar that
+/// later loses the control plane stays ready on its last good config.
+pub fn waiting_for_first_config(shared: &Shared) -> Option<String> {
+    let entry = shared.control_plane.get()?;
+    let info = lock(&entry.info);
+    if info.last_ack.is_some() {
+        return None;
+    }
+    let status = entry.status.borrow();
+    let mut reason = format!("waiting for first config from control plane {}", status.endpoint.trim_end_matches('/'));
+    let rejected = info.last_nack.as_ref().and_then(|o| o.error.as_deref()).or(status.last_nack.as_deref());
+    if let Some(error) = rejected {
+        reason.push_str(&format!(" (the last one was rejected: {error})"));
+    } else if let Some(error) = status.last_error.as_deref().filter(|_| !status.connected) {
+        reason.push_str(&format!(" ({error})"));
+    }
+    Some(reason)
 }
 
 #[cfg(test)]

@@ -88,6 +88,7 @@ fn canary_snapshot(registry: &EndpointRegistry) -> Snapshot {
         name: "payment".into(),
         namespace: "default".into(),
         ports: vec![(8080, "HTTP".into())],
+        addresses: Vec::new(),
     });
     let v1 = cluster(&service, "v1", vec![endpoint(registry, "10.0.0.1:8080", "v1")]);
     let v2 = cluster(&service, "v2", vec![endpoint(registry, "10.0.0.2:8080", "v2")]);

@@ -47,6 +47,7 @@ async fn payment_pod(dir: &TempDir, ca: &Ca, app: SocketAddr) -> SocketAddr {
         cert_dir: Some(certs),
         split: SplitMode::Exact,
         drain_timeout: Duration::from_secs(2),
+        outbound_traffic_policy: Default::default(),
         control_plane: Default::default(),
     };
     let (_shared, bound, _task) = serin::sidecar::start(&args).await.expect("payment sidecar");

@@ -4,6 +4,8 @@
 //! Every test builds its own small world on 127.0.0.1 with ephemeral ports, so
 //! tests run in parallel without clashing.
 
+pub mod netns;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -117,6 +119,7 @@ impl Sidecar {
             cert_dir: None,
             split: SplitMode::Exact,
             drain_timeout: Duration::from_secs(2),
+            outbound_traffic_policy: Default::default(),
             control_plane: Default::default(),
         };
         edit(&mut args);

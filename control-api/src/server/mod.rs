@@ -1,6 +1,8 @@
 //! The control-plane server: the [`Store`] of mesh config (versions, API weights,
-//! persistence), the discovery streams and the management service, put together by
-//! [`ControlPlane`].
+//! persistence), the discovery streams, the management service and the certificate service
+//! (the mesh CA signing CSRs, [`CaSettings`]), put together by [`ControlPlane`], which
+//! serves them in plaintext ([`ControlPlane::serve`], 15010) and over TLS with
+//! authentication ([`ControlPlane::serve_tls`], 15012).
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -15,12 +17,15 @@
 //! # Ok(()) }
 //! ```
 
+mod auth;
+mod ca;
 mod discovery;
 mod hosts;
 mod management;
 mod persist;
 mod status;
 mod store;
+mod tls;
 mod weights;
 mod yaml;
 
@@ -33,11 +38,18 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status, Streaming};
 
+pub use auth::{
+    AUTHORIZATION_METADATA, BootstrapTokens, Caller, MIN_TOKEN_LEN, MeshConnectInfo, TokenFileError, TokenScope, caller,
+};
+pub use ca::{
+    CONTROL_PLANE_NAMESPACE, CONTROL_PLANE_SERVICE_ACCOUNT, CaService, CaSettings, CaSetupError, DEFAULT_MAX_CERT_TTL,
+};
 pub use management::{DEFAULT_WAIT, MAX_WAIT, ManagementService};
 pub use persist::STATE_FILE;
 pub use status::{NoopObserver, Observer};
 pub(crate) use store::Document;
 pub use store::{Change, SourceDocument, Store, StoredResource, TypeSnapshot, parse_documents};
+pub use tls::{SERVING_DNS_NAMES, SERVING_IPS, TlsServeError};
 pub use weights::{STABLE_LABEL, STABLE_SUBSET_KEY};
 
 use crate::pb;
@@ -221,11 +233,13 @@ impl pb::discovery_server::Discovery for DiscoveryService {
     }
 }
 
-/// The control plane: a [`Store`] served over the discovery and management services.
+/// The control plane: a [`Store`] served over the discovery and management services, and,
+/// with a CA ([`ControlPlane::with_ca`]), the certificate service and the TLS listener.
 #[derive(Debug, Clone)]
 pub struct ControlPlane {
     shared: Arc<Shared>,
     options: ServerOptions,
+    ca: Option<Arc<CaSettings>>,
 }
 
 impl ControlPlane {
@@ -237,7 +251,27 @@ impl ControlPlane {
             id: options.id.clone(),
             closing: watch::Sender::new(false),
         });
-        ControlPlane { shared, options }
+        ControlPlane { shared, options, ca: None }
+    }
+
+    /// The same control plane with a CA: `CreateCertificate` signs CSRs, and
+    /// [`ControlPlane::serve_tls`] can serve.
+    pub fn with_ca(mut self, settings: CaSettings) -> ControlPlane {
+        self.ca = Some(Arc::new(settings));
+        self
+    }
+
+    /// The CA settings, when the control plane has a CA.
+    pub fn ca(&self) -> Option<&Arc<CaSettings>> {
+        self.ca.as_ref()
+    }
+
+    /// The certificate service (answers FAILED_PRECONDITION without a CA).
+    pub fn certificates_service(&self) -> pb::certificates_server::CertificatesServer<CaService> {
+        let service = CaService { settings: self.ca.clone(), observer: Arc::clone(&self.options.observer) };
+        pb::certificates_server::CertificatesServer::new(service)
+            .max_decoding_message_size(self.options.max_message_size)
+            .max_encoding_message_size(self.options.max_message_size)
     }
 
     /// The store.
@@ -283,8 +317,9 @@ impl ControlPlane {
         self.shared.closing.send_replace(true);
     }
 
-    /// Serves both services on `listener` (plaintext) until `shutdown` completes, then
-    /// ends the streams and returns.
+    /// Serves the discovery, management and certificate services on `listener`
+    /// (plaintext) until `shutdown` completes, then ends the streams and returns. Over
+    /// plaintext the CA signs only for callers with a bootstrap token.
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
@@ -297,6 +332,7 @@ impl ControlPlane {
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(self.discovery_service())
             .add_service(self.management_service())
+            .add_service(self.certificates_service())
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
                 shutdown.await;
                 closing.close_streams();

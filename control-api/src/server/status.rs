@@ -24,6 +24,13 @@ pub trait Observer: Send + Sync + 'static {
     fn acked(&self, _node: &pb::Node, _ty: ResourceType, _version: u64, _push_to_ack: Duration) {}
     /// A response was NACKed.
     fn nacked(&self, _node: &pb::Node, _ty: ResourceType, _version: u64, _error: &str) {}
+    /// The CA signed a certificate for `spiffe_id`; `auth` is how the caller showed it may
+    /// have it: `certificate` (renewal) or `token` (bootstrap).
+    fn csr_signed(&self, _spiffe_id: &str, _auth: &str) {}
+    /// The CA refused a request with `code` (UNAUTHENTICATED, PERMISSION_DENIED, ...).
+    fn csr_refused(&self, _code: tonic::Code) {}
+    /// The TLS listener refused a call that carried no valid credential.
+    fn unauthenticated(&self) {}
 }
 
 /// An observer that does nothing.
@@ -182,8 +189,9 @@ impl Registry {
     }
 
     /// The answers of the streams subscribed to `ty` (and to `service`, when given) to
-    /// `version`.
-    fn evaluate(&self, ty: ResourceType, version: u64, service: Option<&str>) -> pb::AckResult {
+    /// `version`; with `per_node`, each node's answer too (the counts alone allocate
+    /// nothing: a waiter re-counts on every ACK of every stream).
+    fn evaluate(&self, ty: ResourceType, version: u64, service: Option<&str>, per_node: bool) -> pb::AckResult {
         let streams = self.lock();
         let mut result = pb::AckResult::default();
         for entry in streams.values() {
@@ -199,17 +207,24 @@ impl Registry {
             result.total += 1;
             let answer = t.answer(version);
             let push_to_ack_ms = t.push_to_ack.map_or(0, millis);
-            let (state, error) = match answer {
+            let state = match answer {
                 Answer::Acked => {
                     result.acked += 1;
                     result.slowest_ms = result.slowest_ms.max(push_to_ack_ms);
-                    ("ACKED", String::new())
+                    "ACKED"
                 }
                 Answer::Nacked => {
                     result.nacked += 1;
-                    ("NACKED", t.nack.as_ref().map(|(_, e)| e.clone()).unwrap_or_default())
+                    "NACKED"
                 }
-                Answer::Pending => ("PENDING", String::new()),
+                Answer::Pending => "PENDING",
+            };
+            if !per_node {
+                continue;
+            }
+            let error = match answer {
+                Answer::Nacked => t.nack.as_ref().map(|(_, e)| e.clone()).unwrap_or_default(),
+                _ => String::new(),
             };
             result.nodes.push(pb::NodeAck {
                 node_id: entry.node.id.clone(),
@@ -236,12 +251,15 @@ impl Registry {
             let notified = self.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let result = self.evaluate(ty, version, service);
-            if result.acked + result.nacked == result.total {
-                return result;
+            let counts = self.evaluate(ty, version, service, false);
+            if counts.acked + counts.nacked == counts.total {
+                let result = self.evaluate(ty, version, service, true);
+                if result.acked + result.nacked == result.total {
+                    return result;
+                }
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                let mut result = self.evaluate(ty, version, service);
+                let mut result = self.evaluate(ty, version, service, true);
                 result.timed_out = result.acked + result.nacked < result.total;
                 return result;
             }

@@ -316,10 +316,12 @@ pub struct ConfigDump {
     pub clusters: Vec<Value>,
     /// Registry services (by host).
     pub services: Vec<Value>,
-    /// The workload identity (`--cert-dir`): `{spiffe_id, serial, not_before,
-    /// not_after, last_error}`, or null when the proxy has none. `last_error` is the
-    /// last failed certificate reload (the previous certificate keeps serving), or
-    /// null.
+    /// The workload identity (`--cert-dir`, or the control plane's CA): `{spiffe_id,
+    /// serial, not_before, not_after, last_error, origin, next_renewal}`, or null when
+    /// the proxy has none. `last_error` is the last failed certificate reload or renewal
+    /// (the previous certificate keeps serving), or null; `origin` is `files:<dir>` or
+    /// `control-plane:<address>`; `next_renewal` is when a certificate from the control
+    /// plane is renewed next (null for files).
     pub identity: Value,
     /// The control-plane subscription (`--control-plane`): `{endpoint, node_id,
     /// state (CONNECTING | ACKED | NACKED), connected, versions, last_ack, last_nack,
@@ -338,6 +340,8 @@ fn identity(shared: &Shared) -> Value {
         "not_before": time(id.not_before()),
         "not_after": time(id.not_after()),
         "last_error": shared.mesh.last_error(),
+        "origin": shared.mesh.origin(),
+        "next_renewal": shared.mesh.next_renewal().map(time),
     })
 }
 

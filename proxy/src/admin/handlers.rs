@@ -17,7 +17,7 @@ const INDEX: &str = "serin admin\n\
     \n\
     GET  /config_dump        the running snapshot and the last rejected update (JSON)\n\
     GET  /clusters           per-endpoint health and counters (?format=json for JSON)\n\
-    GET  /ready              200 LIVE, or 503 DRAINING\n\
+    GET  /ready              200 LIVE; 503 INITIALIZING (no config from the control plane yet) or DRAINING\n\
     GET  /server_info        version, state, uptime (JSON)\n\
     GET  /stats/prometheus   Istio metrics, Prometheus text format\n\
     POST /quitquitquit       start draining\n";
@@ -58,12 +58,27 @@ fn is_read(req: &Request<Incoming>) -> bool {
     req.method() == Method::GET || req.method() == Method::HEAD
 }
 
-/// `200 LIVE` when serving, `503 DRAINING` once the drain has started.
-fn readiness(shared: &Shared) -> Response<AdminBody> {
+/// The server's state, Envoy's names: `DRAINING` once the drain has started,
+/// `INITIALIZING` while a sidecar subscribed to a control plane waits for its first
+/// config (with the reason), else `LIVE`.
+fn server_state(shared: &Shared) -> (&'static str, Option<String>) {
     if shared.drain.is_draining() {
-        respond(StatusCode::SERVICE_UNAVAILABLE, TEXT, "DRAINING\n")
+        ("DRAINING", None)
+    } else if let Some(reason) = crate::xds_client::waiting_for_first_config(shared) {
+        ("INITIALIZING", Some(reason))
     } else {
-        respond(StatusCode::OK, TEXT, "LIVE\n")
+        ("LIVE", None)
+    }
+}
+
+/// `200 LIVE` when serving; `503 INITIALIZING: <why>` until a sidecar subscribed to a
+/// control plane has applied its first config (so no traffic is sent to a proxy
+/// with no routes, as pilot-agent does); `503 DRAINING` once the drain has started.
+fn readiness(shared: &Shared) -> Response<AdminBody> {
+    match server_state(shared) {
+        ("LIVE", _) => respond(StatusCode::OK, TEXT, "LIVE\n"),
+        (state, Some(reason)) => respond(StatusCode::SERVICE_UNAVAILABLE, TEXT, format!("{state}: {reason}\n")),
+        (state, None) => respond(StatusCode::SERVICE_UNAVAILABLE, TEXT, format!("{state}\n")),
     }
 }
 
@@ -78,7 +93,7 @@ fn server_info(shared: &Shared) -> serde_json::Value {
     let local = &shared.local;
     serde_json::json!({
         "version": concat!("serin/", env!("CARGO_PKG_VERSION")),
-        "state": if shared.drain.is_draining() { "DRAINING" } else { "LIVE" },
+        "state": server_state(shared).0,
         "uptime_current_epoch": uptime,
         "uptime_all_epochs": uptime,
         "start_time": humantime::format_rfc3339_millis(since).to_string(),

@@ -52,6 +52,9 @@ pub struct ConnInfo {
     /// The proxy terminated TLS for this connection at the edge (a gateway's
     /// HTTPS server): requests have scheme `https` and `x-forwarded-proto: https`.
     pub tls: bool,
+    /// Set when iptables redirected the connection here: its original
+    /// destination, the service there and the fallback for unknown hosts.
+    pub captured: Option<Arc<crate::outbound::Captured>>,
 }
 
 /// The snapshot a listener routes by.
@@ -68,7 +71,7 @@ pub enum RouteSource {
 impl ConnInfo {
     /// A plaintext connection's info.
     pub fn new(remote: SocketAddr, local: SocketAddr, reporter: Reporter, routes: RouteSource) -> ConnInfo {
-        ConnInfo { remote, local, reporter, routes, peer: None, tls: false }
+        ConnInfo { remote, local, reporter, routes, peer: None, tls: false, captured: None }
     }
 }
 
@@ -84,7 +87,8 @@ pub async fn handle(
     let (mut parts, incoming) = req.into_parts();
     let request_id = headers::ensure_request_id(&mut parts.headers);
     let authority = request_authority(&parts.uri, &parts.headers);
-    let (host, port) = split_host_port(&authority, conn.local.port());
+    let default_port = conn.captured.as_ref().map_or(conn.local.port(), |c| c.dst.port());
+    let (host, port) = split_host_port(&authority, default_port);
     let info = RequestInfo {
         reporter: conn.reporter,
         start: SystemTime::now(),
@@ -119,9 +123,11 @@ pub async fn handle(
         RouteSource::Inbound => shared.inbound.load_full(),
         RouteSource::Own(routes) => routes.load_full(),
     };
-    let Some(vh) = snapshot.find_virtual_host(&host) else {
-        return Ok(local_reply(rec, StatusCode::NOT_FOUND, ResponseFlags::NO_ROUTE, "route not found"));
-    };
+    // A captured connection is for the service at its original destination;
+    // otherwise (or when that has no routes) the Host header decides.
+    let by_destination = conn.captured.as_ref().and_then(|c| c.service.as_ref());
+    let vh =
+        by_destination.and_then(|s| snapshot.find_virtual_host(&s.host)).or_else(|| snapshot.find_virtual_host(&host));
     let view = RequestView {
         method: &parts.method,
         path: parts.uri.path(),
@@ -136,7 +142,23 @@ pub async fn handle(
     {
         return Ok(local_reply(rec, StatusCode::FORBIDDEN, ResponseFlags::RBAC_DENIED, reply));
     }
-    let Some(route) = router::find_route(vh, &view) else {
+    let route = match (vh, &conn.captured) {
+        (Some(vh), _) => router::find_route(vh, &view),
+        (None, Some(captured)) => match &captured.passthrough {
+            Some(route) => Some(route),
+            None => {
+                rec.info.cluster = Some(crate::outbound::passthrough::black_hole());
+                return Ok(local_reply(
+                    rec,
+                    StatusCode::BAD_GATEWAY,
+                    ResponseFlags::NO_ROUTE,
+                    "destination not in the registry (outbound traffic policy REGISTRY_ONLY)",
+                ));
+            }
+        },
+        (None, None) => None,
+    };
+    let Some(route) = route else {
         return Ok(local_reply(rec, StatusCode::NOT_FOUND, ResponseFlags::NO_ROUTE, "route not found"));
     };
     rec.info.route_name = Some(route.name.clone());

@@ -99,6 +99,7 @@ mod tests {
             name: "payment".into(),
             namespace: "default".into(),
             ports: vec![],
+            addresses: Vec::new(),
         });
         let endpoints = (0..n)
             .map(|i| {

@@ -51,6 +51,7 @@ mod tests {
             name: "payment".into(),
             namespace: "default".into(),
             ports: vec![],
+            addresses: Vec::new(),
         });
         let list = weights
             .iter()

@@ -111,6 +111,7 @@ pub fn services(
                         name,
                         namespace,
                         ports: se.ports.iter().map(|p| (p.number, p.protocol.clone())).collect(),
+                        addresses: se.addresses.clone(),
                     });
                     let service = Service { info, ports: se.ports.clone(), endpoints, defined_by: se.name.clone() };
                     out.insert(host.clone(), service);

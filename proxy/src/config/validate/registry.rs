@@ -6,6 +6,7 @@ use super::fields;
 use crate::config::error::Sink;
 use crate::config::hosts;
 use crate::config::model::{self, Resolution};
+use crate::security::IpBlock;
 
 /// Port protocols Istio knows (compared case-insensitively).
 const PROTOCOLS: [&str; 13] = [
@@ -55,6 +56,8 @@ pub struct CheckedServiceEntry {
     pub namespace: String,
     /// Resolved hosts.
     pub hosts: Vec<String>,
+    /// Virtual IPs / CIDR blocks (`spec.addresses`): where captured traffic to the service goes.
+    pub addresses: Vec<IpBlock>,
     pub ports: Vec<CheckedPort>,
     pub resolution: Resolution,
     pub endpoints: Vec<CheckedEndpoint>,
@@ -105,6 +108,12 @@ pub fn service_entry(
         let target_port = p.target_port.and_then(|t| sink.check(&format!("{path}.targetPort"), fields::port(t)));
         ports.push(CheckedPort { number, name: p.name.clone(), protocol, target_port });
     }
+    let mut addresses = Vec::new();
+    for (i, a) in se.addresses.iter().enumerate() {
+        if let Some(block) = sink.check(&format!("spec.addresses[{i}]"), IpBlock::parse(a)) {
+            addresses.push(block);
+        }
+    }
     let resolution = se.resolution.unwrap_or(Resolution::NONE);
     if !se.endpoints.is_empty() && se.workload_selector.is_some() {
         sink.push("spec.workloadSelector", "only one of endpoints and workloadSelector may be set");
@@ -125,6 +134,7 @@ pub fn service_entry(
         name: format!("{namespace}/{name}"),
         namespace: namespace.to_string(),
         hosts: hosts_out,
+        addresses,
         ports,
         resolution,
         endpoints,

@@ -1,0 +1,466 @@
+//! A generic YAML value tree that keeps mapping keys in document order.
+//!
+//! serde-saphyr deserializes straight into typed values and has no value type of its
+//! own; `serde_json::Value` would do as a tree, but without serde_json's
+//! `preserve_order` feature (a workspace-wide switch) it sorts mapping keys. `inject`
+//! must leave a manifest's keys in their order, so it reads each document into this
+//! small tree ([`Yaml`]) through serde's `deserialize_any` and writes it back with
+//! serde-saphyr's serializer. Comments are not kept; keys, order and values are.
+//!
+//! Scalars are read the way Kubernetes reads them (sigs.k8s.io/yaml, a YAML 1.1
+//! reader): `yes`/`no`/`on`/`off` are booleans and `0644` is octal (420). Strings that
+//! a reader could take for something else are quoted when written.
+
+use std::fmt;
+
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
+
+/// One YAML node.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Yaml {
+    /// `null`, `~` or an empty value.
+    Null,
+    /// `true` / `false` (also YAML 1.1's `yes`, `on`, …).
+    Bool(bool),
+    /// A signed integer.
+    Int(i64),
+    /// An unsigned integer above `i64::MAX`.
+    UInt(u64),
+    /// A floating-point number.
+    Float(f64),
+    /// A string.
+    String(String),
+    /// A sequence.
+    Seq(Vec<Yaml>),
+    /// A mapping, keys in document order.
+    Map(Mapping),
+}
+
+/// A mapping that keeps its keys in insertion (document) order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Mapping(Vec<(Yaml, Yaml)>);
+
+impl Yaml {
+    /// A string node.
+    pub fn str(s: impl Into<String>) -> Yaml {
+        Yaml::String(s.into())
+    }
+
+    /// The string, when this node is one.
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Yaml::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The mapping, when this node is one.
+    pub fn as_map(&self) -> Option<&Mapping> {
+        match self {
+            Yaml::Map(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// The mapping, mutably, when this node is one.
+    pub fn as_map_mut(&mut self) -> Option<&mut Mapping> {
+        match self {
+            Yaml::Map(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// The sequence, when this node is one.
+    pub fn as_seq(&self) -> Option<&[Yaml]> {
+        match self {
+            Yaml::Seq(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The node at a path of mapping keys, e.g. `["spec", "template"]`.
+    pub fn at(&self, path: &[&str]) -> Option<&Yaml> {
+        path.iter().try_fold(self, |node, key| node.as_map()?.get(key))
+    }
+
+    /// A short name of the node's type, for messages.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Yaml::Null => "null",
+            Yaml::Bool(_) => "a boolean",
+            Yaml::Int(_) | Yaml::UInt(_) | Yaml::Float(_) => "a number",
+            Yaml::String(_) => "a string",
+            Yaml::Seq(_) => "a list",
+            Yaml::Map(_) => "a mapping",
+        }
+    }
+}
+
+/// A node found where another type was needed (see [`Mapping::map_entry`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WrongType {
+    /// The key that holds the node.
+    pub key: String,
+    /// What was needed: "a mapping" or "a list".
+    pub expected: &'static str,
+    /// What was found.
+    pub found: &'static str,
+}
+
+impl Mapping {
+    /// An empty mapping.
+    pub fn new() -> Mapping {
+        Mapping(Vec::new())
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether the mapping has no entry.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The entries, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&Yaml, &Yaml)> {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+
+    /// The value of string key `key`.
+    pub fn get(&self, key: &str) -> Option<&Yaml> {
+        self.0.iter().find(|(k, _)| k.as_str() == Some(key)).map(|(_, v)| v)
+    }
+
+    /// The value of string key `key`, mutably.
+    pub fn get_mut(&mut self, key: &str) -> Option<&mut Yaml> {
+        self.0.iter_mut().find(|(k, _)| k.as_str() == Some(key)).map(|(_, v)| v)
+    }
+
+    /// The string value of `key`, when it is a string.
+    pub fn get_str(&self, key: &str) -> Option<&str> {
+        self.get(key).and_then(Yaml::as_str)
+    }
+
+    /// Sets `key` to `value`: in place when the key exists (its position is kept),
+    /// else appended.
+    pub fn insert(&mut self, key: &str, value: Yaml) {
+        match self.get_mut(key) {
+            Some(slot) => *slot = value,
+            None => self.0.push((Yaml::str(key), value)),
+        }
+    }
+
+    /// Removes `key`, returning its value.
+    pub fn remove(&mut self, key: &str) -> Option<Yaml> {
+        let index = self.0.iter().position(|(k, _)| k.as_str() == Some(key))?;
+        Some(self.0.remove(index).1)
+    }
+
+    /// The mapping under `key`, created (appended) when the key is missing or null.
+    pub fn map_entry(&mut self, key: &str) -> Result<&mut Mapping, WrongType> {
+        if matches!(self.get(key), None | Some(Yaml::Null)) {
+            self.insert(key, Yaml::Map(Mapping::new()));
+        }
+        match self.get_mut(key) {
+            Some(Yaml::Map(m)) => Ok(m),
+            other => Err(WrongType {
+                key: key.to_string(),
+                expected: "a mapping",
+                found: other.map_or("nothing", |v| v.type_name()),
+            }),
+        }
+    }
+
+    /// The list under `key`, created (appended) when the key is missing or null.
+    pub fn seq_entry(&mut self, key: &str) -> Result<&mut Vec<Yaml>, WrongType> {
+        if matches!(self.get(key), None | Some(Yaml::Null)) {
+            self.insert(key, Yaml::Seq(Vec::new()));
+        }
+        match self.get_mut(key) {
+            Some(Yaml::Seq(s)) => Ok(s),
+            other => Err(WrongType {
+                key: key.to_string(),
+                expected: "a list",
+                found: other.map_or("nothing", |v| v.type_name()),
+            }),
+        }
+    }
+}
+
+impl FromIterator<(Yaml, Yaml)> for Mapping {
+    fn from_iter<I: IntoIterator<Item = (Yaml, Yaml)>>(iter: I) -> Self {
+        Mapping(iter.into_iter().collect())
+    }
+}
+
+/// The options `inject` reads documents with: Kubernetes' YAML 1.1 reading of
+/// booleans and octal numbers; duplicate keys are an error (as for kubectl).
+pub fn read_options() -> serde_saphyr::Options {
+    serde_saphyr::options! {
+        legacy_octal_numbers: true,
+    }
+}
+
+/// The options `inject` writes documents with: two-space indent, list items at
+/// their key's column (kubectl's style), multi-line strings as literal blocks and
+/// no folding of long strings (folding is where round-trips usually go wrong).
+pub fn write_options() -> serde_saphyr::SerializerOptions {
+    serde_saphyr::ser_options! {
+        indent_step: 2,
+        compact_list_indent: true,
+        folded_wrap_chars: usize::MAX / 2,
+    }
+}
+
+/// Reads one YAML document (`None` when it holds only comments or nothing).
+pub fn parse_document(text: &str) -> Result<Option<Yaml>, serde_saphyr::Error> {
+    serde_saphyr::from_str_with_options::<Option<Yaml>>(text, read_options())
+}
+
+/// Writes one node as a YAML document (no `---` marker), ending with a newline.
+pub fn to_yaml(node: &Yaml) -> Result<String, serde_saphyr::SerializeError> {
+    let mut out = serde_saphyr::to_string_with_options(node, write_options())?;
+    if !out.ends_with('\n') {
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+impl Serialize for Yaml {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Yaml::Null => serializer.serialize_unit(),
+            Yaml::Bool(b) => serializer.serialize_bool(*b),
+            Yaml::Int(i) => serializer.serialize_i64(*i),
+            Yaml::UInt(u) => serializer.serialize_u64(*u),
+            Yaml::Float(f) => serializer.serialize_f64(*f),
+            Yaml::String(s) => serializer.serialize_str(s),
+            Yaml::Seq(items) => {
+                let mut seq = serializer.serialize_seq(Some(items.len()))?;
+                for item in items {
+                    seq.serialize_element(item)?;
+                }
+                seq.end()
+            }
+            Yaml::Map(m) => m.serialize(serializer),
+        }
+    }
+}
+
+impl Serialize for Mapping {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (k, v) in &self.0 {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Yaml {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Yaml, D::Error> {
+        deserializer.deserialize_any(YamlVisitor)
+    }
+}
+
+struct YamlVisitor;
+
+impl<'de> Visitor<'de> for YamlVisitor {
+    type Value = Yaml;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any YAML value")
+    }
+
+    fn visit_unit<E>(self) -> Result<Yaml, E> {
+        Ok(Yaml::Null)
+    }
+
+    fn visit_none<E>(self) -> Result<Yaml, E> {
+        Ok(Yaml::Null)
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Yaml, D::Error> {
+        Yaml::deserialize(d)
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Yaml, E> {
+        Ok(Yaml::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Yaml, E> {
+        Ok(Yaml::Int(v))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Yaml, E> {
+        Ok(i64::try_from(v).map_or(Yaml::UInt(v), Yaml::Int))
+    }
+
+    fn visit_i128<E: de::Error>(self, v: i128) -> Result<Yaml, E> {
+        if let Ok(i) = i64::try_from(v) {
+            Ok(Yaml::Int(i))
+        } else if let Ok(u) = u64::try_from(v) {
+            Ok(Yaml::UInt(u))
+        } else {
+            Err(E::custom(format!("integer {v} does not fit in 64 bits")))
+        }
+    }
+
+    fn visit_u128<E: de::Error>(self, v: u128) -> Result<Yaml, E> {
+        match u64::try_from(v) {
+            Ok(u) => self.visit_u64(u),
+            Err(_) => Err(E::custom(format!("integer {v} does not fit in 64 bits"))),
+        }
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Yaml, E> {
+        Ok(Yaml::Float(v))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Yaml, E> {
+        Ok(Yaml::str(v))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Yaml, E> {
+        Ok(Yaml::String(v))
+    }
+
+    fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Yaml, E> {
+        match std::str::from_utf8(v) {
+            Ok(s) => Ok(Yaml::str(s)),
+            Err(_) => Err(E::custom("binary values are not supported")),
+        }
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Yaml, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
+        while let Some(item) = seq.next_element::<Yaml>()? {
+            items.push(item);
+        }
+        Ok(Yaml::Seq(items))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Yaml, A::Error> {
+        let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0).min(1024));
+        while let Some((k, v)) = map.next_entry::<Yaml, Yaml>()? {
+            entries.push((k, v));
+        }
+        Ok(Yaml::Map(Mapping(entries)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Yaml {
+        parse_document(text).expect("parses").expect("not empty")
+    }
+
+    #[test]
+    fn keys_keep_their_document_order() {
+        let doc = parse("zeta: 1\nalpha: 2\nmid: {z: 1, a: 2}\n");
+        let Yaml::Map(m) = &doc else { panic!("not a map: {doc:?}") };
+        let keys: Vec<_> = m.iter().map(|(k, _)| k.as_str().unwrap_or("?")).collect();
+        assert_eq!(keys, ["zeta", "alpha", "mid"]);
+        assert_eq!(to_yaml(&doc).unwrap(), "zeta: 1\nalpha: 2\nmid:\n  z: 1\n  a: 2\n");
+    }
+
+    #[test]
+    fn scalars_are_read_as_kubernetes_reads_them() {
+        let doc = parse(
+            "octal: 0644\nyes: yes\noff: off\nquoted: \"0644\"\nfloat: 1.10\nnull1: ~\nnull2:\nbig: 18446744073709551615\n",
+        );
+        let m = doc.as_map().unwrap();
+        assert_eq!(m.get("octal"), Some(&Yaml::Int(420)));
+        assert_eq!(m.get("quoted"), Some(&Yaml::str("0644")));
+        assert_eq!(m.get("float"), Some(&Yaml::Float(1.1)));
+        assert_eq!(m.get("null1"), Some(&Yaml::Null));
+        assert_eq!(m.get("null2"), Some(&Yaml::Null));
+        assert_eq!(m.get("big"), Some(&Yaml::UInt(u64::MAX)));
+        // `yes` and `off` as values are YAML 1.1 booleans, as kubectl reads them.
+        let bools: Vec<_> = m.iter().filter(|(_, v)| matches!(v, Yaml::Bool(_))).map(|(_, v)| v.clone()).collect();
+        assert_eq!(bools, [Yaml::Bool(true), Yaml::Bool(false)]);
+    }
+
+    #[test]
+    fn ambiguous_strings_survive_a_round_trip() {
+        let tricky = [
+            "yes",
+            "no",
+            "on",
+            "off",
+            "y",
+            "n",
+            "true",
+            "False",
+            "null",
+            "~",
+            "",
+            "0644",
+            "0x1F",
+            "1e3",
+            "1_000",
+            "12:30",
+            "*",
+            "&a",
+            "!tag",
+            "- item",
+            "a: b",
+            "#hash",
+            "'single'",
+            "\"double\"",
+            "line1\nline2\n",
+            "trailing ",
+            " leading",
+            "{\"json\":[1,2]}",
+            "15090",
+            "1.0",
+            ".inf",
+            "@at",
+            "`tick",
+            "%pct",
+            "a  double  space",
+            "tab\there",
+            "ümlaut",
+        ];
+        let long = "x".repeat(200);
+        let long_words = "word ".repeat(40);
+        for s in tricky.into_iter().chain([long.as_str(), long_words.as_str()]) {
+            let node = Yaml::Map([(Yaml::str("k"), Yaml::str(s))].into_iter().collect());
+            let text = to_yaml(&node).unwrap();
+            assert_eq!(parse(&text), node, "string {s:?} written as {text:?}");
+        }
+    }
+
+    #[test]
+    fn numbers_booleans_and_nested_values_survive_a_round_trip() {
+        let text = "a: 1\nb: -7\nc: 0.5\nd: true\ne: null\nf: []\ng: {}\nh:\n- 1\n- x: [1, two]\n  y: {}\nbig: 18446744073709551615\n";
+        let doc = parse(text);
+        assert_eq!(parse(&to_yaml(&doc).unwrap()), doc);
+    }
+
+    #[test]
+    fn multi_line_strings_are_written_as_literal_blocks() {
+        let node = Yaml::Map([(Yaml::str("script"), Yaml::str("echo one\necho two\n"))].into_iter().collect());
+        let text = to_yaml(&node).unwrap();
+        assert!(text.starts_with("script: |"), "{text}");
+    }
+
+    #[test]
+    fn entries_are_created_in_place_and_wrong_types_are_named() {
+        let mut doc = parse("metadata:\n  name: x\nspec: 3\n");
+        let m = doc.as_map_mut().unwrap();
+        m.map_entry("metadata").unwrap().map_entry("annotations").unwrap().insert("a", Yaml::str("b"));
+        let annotation = m.get("metadata").and_then(|v| v.at(&["annotations", "a"])).and_then(Yaml::as_str);
+        assert_eq!(annotation, Some("b"));
+        let err = m.seq_entry("spec").unwrap_err();
+        assert_eq!(err, WrongType { key: "spec".into(), expected: "a list", found: "a number" });
+        m.insert("metadata", Yaml::Null);
+        let keys: Vec<_> = m.iter().map(|(k, _)| k.as_str().unwrap_or("?")).collect();
+        assert_eq!(keys, ["metadata", "spec"], "insert keeps the key's position");
+    }
+}
