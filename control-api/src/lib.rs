@@ -4,7 +4,9 @@
 //! ([`client`]) and how they connect, plaintext or TLS ([`transport`]).
 //!
 //! Resources are Istio documents as YAML, grouped by type ([`types`]): the sidecar
-//! compiles them with the same validate-and-compile code it uses for files.
+//! compiles them with the same validate-and-compile code it uses for files. The store
+//! edits them in [`yaml`], the project's one ordered YAML tree (`serin inject` uses it
+//! too).
 
 #![warn(missing_docs)]
 
@@ -12,6 +14,7 @@ pub mod client;
 pub mod server;
 pub mod transport;
 pub mod types;
+pub mod yaml;
 
 /// Generated protobuf messages and tonic services of `serin.control.v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

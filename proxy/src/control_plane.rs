@@ -322,6 +322,9 @@ impl Observer for Metrics {
 /// Loads the folder, opens the store, binds both listeners and starts serving.
 pub async fn start(args: &ControlPlaneArgs) -> anyhow::Result<Running> {
     let dir = args.config_dir.clone();
+    // Taken before the load: an edit made from here on, even before the watcher's
+    // first poll, is seen as a change.
+    let loaded_fingerprint = fingerprint(&args.config_dir);
     let loaded = tokio::task::spawn_blocking(move || load_folder(&dir))
         .await
         .context("loading the config folder")?
@@ -387,7 +390,7 @@ pub async fn start(args: &ControlPlaneArgs) -> anyhow::Result<Running> {
     });
     let tasks = vec![
         tokio::spawn(serve_metrics(monitoring, metrics, stop_rx)),
-        tokio::spawn(watch_folder(args.config_dir.clone(), store.clone())),
+        tokio::spawn(watch_folder(args.config_dir.clone(), store.clone(), loaded_fingerprint)),
     ];
     let versions: Vec<String> = store.versions().iter().map(|(t, v)| format!("{t}={v}")).collect();
     tracing::info!(
@@ -410,8 +413,8 @@ pub async fn run(args: ControlPlaneArgs) -> anyhow::Result<()> {
 
 /// Polls the folder every 500 ms; a change that validates and compiles replaces the
 /// store's documents, an invalid one is logged and the last good config stays.
-async fn watch_folder(dir: PathBuf, store: Arc<Store>) {
-    let mut last = fingerprint(&dir);
+/// `last` is the fingerprint of what was loaded at start.
+async fn watch_folder(dir: PathBuf, store: Arc<Store>, mut last: Vec<(PathBuf, u64, Option<std::time::SystemTime>)>) {
     let mut poll = tokio::time::interval(POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

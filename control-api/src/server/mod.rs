@@ -27,7 +27,6 @@ mod status;
 mod store;
 mod tls;
 mod weights;
-mod yaml;
 
 use std::future::Future;
 use std::path::PathBuf;

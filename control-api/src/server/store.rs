@@ -13,8 +13,8 @@ use super::StoreError;
 use super::hosts::same_service;
 use super::persist::{self, Override, State, VersionEntry};
 use super::weights;
-use super::yaml::Value;
 use crate::types::ResourceType;
+use crate::yaml::{self, Mapping, Yaml};
 
 /// One Istio document as the store holds it.
 #[derive(Debug, Clone)]
@@ -26,7 +26,7 @@ pub(crate) struct Document {
     /// The namespace (`default` when the name has none).
     pub namespace: String,
     /// The parsed document.
-    pub value: Value,
+    pub value: Yaml,
     /// The text as loaded.
     pub yaml: String,
     /// True once `value` was edited (then `yaml` is rewritten from it).
@@ -366,8 +366,7 @@ fn parse_sources(documents: Vec<SourceDocument>, warnings: &mut Vec<String>) -> 
             warnings.push(format!("{SKIPPED_PREFIX}{kind} {name}: the control plane does not serve this kind"));
             continue;
         }
-        let value =
-            Value::parse(&yaml).map_err(|message| StoreError::Document { name: format!("{kind}/{name}"), message })?;
+        let value = read(&yaml).map_err(|message| StoreError::Document { name: format!("{kind}/{name}"), message })?;
         let (namespace, short) = match name.split_once('/') {
             Some((ns, n)) => (ns.to_string(), n.to_string()),
             None => ("default".to_string(), name.clone()),
@@ -434,8 +433,8 @@ fn snapshots(
     for doc in docs {
         let Some(ty) = ResourceType::for_kind(&doc.kind) else { continue };
         let yaml: Arc<str> = if doc.edited {
-            let text =
-                doc.value.to_yaml().map_err(|message| StoreError::Document { name: doc.resource_name(), message })?;
+            let text = yaml::to_yaml(&doc.value)
+                .map_err(|e| StoreError::Document { name: doc.resource_name(), message: e.to_string() })?;
             Arc::from(text)
         } else {
             Arc::from(doc.yaml.as_str())
@@ -463,24 +462,29 @@ fn snapshots(
 
 /// The service hosts a document is about; `None` when every subscriber gets it.
 fn hosts_of(doc: &Document, docs: &[Document]) -> Option<Vec<String>> {
-    let strings = |v: Option<&Value>| -> Vec<String> {
-        v.and_then(Value::as_seq).unwrap_or(&[]).iter().filter_map(Value::as_str).map(str::to_string).collect()
+    let strings = |v: Option<&Yaml>| -> Vec<String> {
+        v.and_then(Yaml::as_seq).unwrap_or(&[]).iter().filter_map(Yaml::as_str).map(str::to_string).collect()
     };
     match doc.kind.as_str() {
-        "VirtualService" | "ServiceEntry" => Some(strings(doc.value.path(&["spec", "hosts"]))),
+        "VirtualService" | "ServiceEntry" => Some(strings(doc.value.at(&["spec", "hosts"]))),
         "DestinationRule" => {
-            Some(doc.value.path(&["spec", "host"]).and_then(Value::as_str).map(str::to_string).into_iter().collect())
+            Some(doc.value.at(&["spec", "host"]).and_then(Yaml::as_str).map(str::to_string).into_iter().collect())
         }
         "WorkloadEntry" => {
             // The hosts of the ServiceEntries (same namespace) whose workloadSelector
             // the entry's labels satisfy.
-            let labels = doc.value.path(&["spec", "labels"]);
+            let labels = doc.value.at(&["spec", "labels"]);
             let mut hosts = Vec::new();
             for entry in docs.iter().filter(|d| d.kind == "ServiceEntry" && d.namespace == doc.namespace) {
-                let Some(selector) = entry.value.path(&["spec", "workloadSelector", "labels"]) else { continue };
-                let selected = selector.entries().all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v));
+                let Some(selector) = entry.value.at(&["spec", "workloadSelector", "labels"]) else { continue };
+                let selected = selector
+                    .as_map()
+                    .into_iter()
+                    .flat_map(Mapping::iter)
+                    .filter_map(|(k, v)| Some((k.as_str()?, v)))
+                    .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v));
                 if selected {
-                    hosts.extend(strings(entry.value.path(&["spec", "hosts"])));
+                    hosts.extend(strings(entry.value.at(&["spec", "hosts"])));
                 }
             }
             Some(hosts)
@@ -501,18 +505,23 @@ fn content_hash(resources: &[StoredResource]) -> u64 {
     hash
 }
 
+/// Reads one document; an empty one (only comments or nothing) is [`Yaml::Null`].
+fn read(text: &str) -> Result<Yaml, String> {
+    yaml::parse_document(text).map(Option::unwrap_or_default).map_err(|e| e.to_string())
+}
+
 /// Splits a YAML stream into `(kind, "namespace/name", yaml)` documents, for callers
 /// that hold plain YAML (tests, tools). Empty documents are skipped.
 pub fn parse_documents(text: &str) -> Result<Vec<SourceDocument>, StoreError> {
     let mut out = Vec::new();
     for (index, doc) in split_documents(text).into_iter().enumerate() {
-        let value = Value::parse(doc).map_err(|message| StoreError::Document { name: format!("#{index}"), message })?;
-        if matches!(value, Value::Null) {
+        let value = read(doc).map_err(|message| StoreError::Document { name: format!("#{index}"), message })?;
+        if matches!(value, Yaml::Null) {
             continue;
         }
-        let kind = value.get("kind").and_then(Value::as_str).unwrap_or("").to_string();
-        let ns = value.path(&["metadata", "namespace"]).and_then(Value::as_str).unwrap_or("default");
-        let name = value.path(&["metadata", "name"]).and_then(Value::as_str).unwrap_or("");
+        let kind = value.get("kind").and_then(Yaml::as_str).unwrap_or("").to_string();
+        let ns = value.at(&["metadata", "namespace"]).and_then(Yaml::as_str).unwrap_or("default");
+        let name = value.at(&["metadata", "name"]).and_then(Yaml::as_str).unwrap_or("");
         if kind.is_empty() || name.is_empty() {
             return Err(StoreError::Document {
                 name: format!("#{index}"),

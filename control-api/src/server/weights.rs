@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use super::Document;
 use super::StoreError;
 use super::hosts::same_service;
-use super::yaml::Value;
+use crate::yaml::Yaml;
 
 /// DestinationRule metadata label or annotation naming the stable subset.
 pub const STABLE_SUBSET_KEY: &str = "serin.io/stable-subset";
@@ -36,14 +36,14 @@ pub(crate) fn subsets(docs: &[Document], service: &str) -> Result<Subsets, Store
     let mut names: Vec<String> = Vec::new();
     let mut marked: Option<String> = None;
     for doc in docs.iter().filter(|d| d.kind == "DestinationRule") {
-        let host = doc.value.path(&["spec", "host"]).and_then(Value::as_str).unwrap_or("");
+        let host = doc.value.at(&["spec", "host"]).and_then(Yaml::as_str).unwrap_or("");
         if !same_service(host, service, &doc.namespace) {
             continue;
         }
-        let dr_subsets: Vec<&Value> =
-            doc.value.path(&["spec", "subsets"]).and_then(Value::as_seq).unwrap_or(&[]).iter().collect();
+        let dr_subsets: Vec<&Yaml> =
+            doc.value.at(&["spec", "subsets"]).and_then(Yaml::as_seq).unwrap_or(&[]).iter().collect();
         for subset in &dr_subsets {
-            if let Some(name) = subset.get("name").and_then(Value::as_str)
+            if let Some(name) = subset.get("name").and_then(Yaml::as_str)
                 && !names.iter().any(|n| n == name)
             {
                 names.push(name.to_string());
@@ -52,13 +52,13 @@ pub(crate) fn subsets(docs: &[Document], service: &str) -> Result<Subsets, Store
         if marked.is_none() {
             marked = ["labels", "annotations"]
                 .iter()
-                .find_map(|m| doc.value.path(&["metadata", m, STABLE_SUBSET_KEY]).and_then(Value::as_str))
+                .find_map(|m| doc.value.at(&["metadata", m, STABLE_SUBSET_KEY]).and_then(Yaml::as_str))
                 .map(str::to_string)
                 .or_else(|| {
                     dr_subsets
                         .iter()
-                        .find(|s| s.path(&["labels", STABLE_LABEL]).and_then(Value::as_str) == Some("true"))
-                        .and_then(|s| s.get("name").and_then(Value::as_str))
+                        .find(|s| s.at(&["labels", STABLE_LABEL]).and_then(Yaml::as_str) == Some("true"))
+                        .and_then(|s| s.get("name").and_then(Yaml::as_str))
                         .map(str::to_string)
                 });
         }
@@ -115,16 +115,16 @@ pub(crate) fn apply(
     let mut candidates: Vec<(RouteAt, bool, bool)> = Vec::new(); // (where, split, has match)
     for (index, doc) in docs.iter().enumerate().filter(|(_, d)| d.kind == "VirtualService") {
         for section in SECTIONS {
-            let routes = doc.value.path(&["spec", section]).and_then(Value::as_seq).unwrap_or(&[]);
+            let routes = doc.value.at(&["spec", section]).and_then(Yaml::as_seq).unwrap_or(&[]);
             for (r, route) in routes.iter().enumerate() {
-                let destinations = route.get("route").and_then(Value::as_seq).unwrap_or(&[]);
+                let destinations = route.get("route").and_then(Yaml::as_seq).unwrap_or(&[]);
                 let all_to_service = !destinations.is_empty()
                     && destinations.iter().all(|d| {
-                        let host = d.path(&["destination", "host"]).and_then(Value::as_str).unwrap_or("");
+                        let host = d.at(&["destination", "host"]).and_then(Yaml::as_str).unwrap_or("");
                         same_service(host, service, &doc.namespace)
                     });
                 if all_to_service {
-                    let has_match = route.get("match").and_then(Value::as_seq).is_some_and(|m| !m.is_empty());
+                    let has_match = route.get("match").and_then(Yaml::as_seq).is_some_and(|m| !m.is_empty());
                     candidates.push(((index, section, r), destinations.len() >= 2, has_match));
                 }
             }
@@ -144,12 +144,11 @@ pub(crate) fn apply(
         let doc = &mut docs[index];
         let Some(route) = doc
             .value
-            .get_mut("spec")
-            .and_then(|s| s.get_mut(section))
-            .and_then(Value::as_seq_mut)
+            .at_mut(&["spec", section])
+            .and_then(Yaml::as_seq_mut)
             .and_then(|routes| routes.get_mut(r))
             .and_then(|route| route.get_mut("route"))
-            .and_then(Value::as_seq_mut)
+            .and_then(Yaml::as_seq_mut)
         else {
             continue;
         };
@@ -165,26 +164,30 @@ pub(crate) fn apply(
 }
 
 /// Rewrites one route's destinations; true when anything changed.
-fn edit_route(destinations: &mut Vec<Value>, order: &[String], weights: &BTreeMap<String, u32>) -> bool {
+fn edit_route(destinations: &mut Vec<Yaml>, order: &[String], weights: &BTreeMap<String, u32>) -> bool {
     let before = destinations.clone();
     let Some(template) = destinations.first().cloned() else {
         return false;
     };
     for destination in destinations.iter_mut() {
-        let subset = destination.path(&["destination", "subset"]).and_then(Value::as_str).unwrap_or("");
+        let subset = destination.at(&["destination", "subset"]).and_then(Yaml::as_str).unwrap_or("");
         let weight = weights.get(subset).copied().unwrap_or(0);
-        destination.set("weight", Value::UInt(u64::from(weight)));
+        if let Some(destination) = destination.as_map_mut() {
+            destination.insert("weight", Yaml::Int(i64::from(weight)));
+        }
     }
     for subset in order {
         let weight = weights.get(subset).copied().unwrap_or(0);
         let present =
-            destinations.iter().any(|d| d.path(&["destination", "subset"]).and_then(Value::as_str) == Some(subset));
+            destinations.iter().any(|d| d.at(&["destination", "subset"]).and_then(Yaml::as_str) == Some(subset));
         if weight > 0 && !present {
             let mut added = template.clone();
-            if let Some(destination) = added.get_mut("destination") {
-                destination.set("subset", Value::String(subset.clone()));
+            if let Some(destination) = added.get_mut("destination").and_then(Yaml::as_map_mut) {
+                destination.insert("subset", Yaml::str(subset.as_str()));
             }
-            added.set("weight", Value::UInt(u64::from(weight)));
+            if let Some(added) = added.as_map_mut() {
+                added.insert("weight", Yaml::Int(i64::from(weight)));
+            }
             destinations.push(added);
         }
     }
@@ -197,11 +200,11 @@ pub(crate) fn current(docs: &[Document], service: &str) -> BTreeMap<String, u32>
     let mut fallback = BTreeMap::new();
     for doc in docs.iter().filter(|d| d.kind == "VirtualService") {
         for section in SECTIONS {
-            for route in doc.value.path(&["spec", section]).and_then(Value::as_seq).unwrap_or(&[]) {
-                let destinations = route.get("route").and_then(Value::as_seq).unwrap_or(&[]);
+            for route in doc.value.at(&["spec", section]).and_then(Yaml::as_seq).unwrap_or(&[]) {
+                let destinations = route.get("route").and_then(Yaml::as_seq).unwrap_or(&[]);
                 let all_to_service = !destinations.is_empty()
                     && destinations.iter().all(|d| {
-                        let host = d.path(&["destination", "host"]).and_then(Value::as_str).unwrap_or("");
+                        let host = d.at(&["destination", "host"]).and_then(Yaml::as_str).unwrap_or("");
                         same_service(host, service, &doc.namespace)
                     });
                 if !all_to_service {
@@ -210,7 +213,7 @@ pub(crate) fn current(docs: &[Document], service: &str) -> BTreeMap<String, u32>
                 let weights: BTreeMap<String, u32> = destinations
                     .iter()
                     .map(|d| {
-                        let subset = d.path(&["destination", "subset"]).and_then(Value::as_str).unwrap_or("");
+                        let subset = d.at(&["destination", "subset"]).and_then(Yaml::as_str).unwrap_or("");
                         let weight = match d.get("weight") {
                             Some(w) => w.as_u64().and_then(|w| u32::try_from(w).ok()).unwrap_or(0),
                             None if destinations.len() == 1 => 100,
@@ -222,7 +225,7 @@ pub(crate) fn current(docs: &[Document], service: &str) -> BTreeMap<String, u32>
                 if destinations.len() >= 2 {
                     return weights;
                 }
-                let has_match = route.get("match").and_then(Value::as_seq).is_some_and(|m| !m.is_empty());
+                let has_match = route.get("match").and_then(Yaml::as_seq).is_some_and(|m| !m.is_empty());
                 if fallback.is_empty() && !has_match {
                     fallback = weights;
                 }

@@ -291,7 +291,9 @@ impl Gateway {
     pub fn spawn_watch(self: &Arc<Self>) -> JoinHandle<()> {
         let gateway = self.clone();
         tokio::spawn(async move {
-            let mut last = crate::reload::fingerprint(&gateway.path);
+            // None: the first tick reloads (an unchanged config is a no-op), so an
+            // edit made between the initial load and this task's start is not missed.
+            let mut last = None;
             let mut tick = tokio::time::interval(POLL.min(tls::POLL));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -299,7 +301,7 @@ impl Gateway {
                     _ = tick.tick() => {}
                     () = gateway.shared.drain.signaled() => return,
                 }
-                let now = crate::reload::fingerprint(&gateway.path);
+                let now = Some(crate::reload::fingerprint(&gateway.path));
                 if now != last {
                     last = now;
                     match gateway.reload_now().await {

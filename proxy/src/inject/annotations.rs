@@ -8,8 +8,7 @@ use std::net::IpAddr;
 use std::sync::LazyLock;
 
 use regex::Regex;
-
-use super::tree::{Mapping, Yaml};
+use serin_control_api::yaml::{Mapping, Yaml};
 
 /// Istio's opt-out: `sidecar.istio.io/inject: "false"` (label or annotation).
 pub const INJECT: &str = "sidecar.istio.io/inject";
@@ -230,7 +229,7 @@ fn is_quantity(value: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inject::tree::parse_document;
+    use serin_control_api::yaml::parse_document;
 
     fn annotations(text: &str) -> Mapping {
         parse_document(text).unwrap().and_then(|y| y.as_map().cloned()).unwrap()

@@ -12,21 +12,25 @@
 //! The rest is left alone: other documents are copied byte for byte (comments
 //! included); so are workloads that opted out (`sidecar.istio.io/inject: "false"`)
 //! or are already injected, which makes `inject` idempotent. An injected document
-//! is rewritten from a generic tree ([`tree`]) that keeps every key, its order and
-//! its value; its leading comments are kept, comments inside it are not.
+//! is rewritten from the project's ordered YAML tree ([`serin_control_api::yaml`],
+//! shared with the control plane's store) that keeps every key, its order and its
+//! value; its leading comments are kept, comments inside it are not.
 
 pub mod annotations;
 pub mod pod;
-pub mod tree;
+
+/// The YAML tree `inject` reads and writes documents with: the project's one,
+/// [`serin_control_api::yaml`], also reachable as `serin::inject::tree`.
+pub use serin_control_api::yaml as tree;
 
 use std::fmt;
 use std::io::{Read, Write};
 use std::path::PathBuf;
 
 use anyhow::Context as _;
+use serin_control_api::yaml::{self, Mapping, Yaml};
 
 use self::pod::PodError;
-use self::tree::{Mapping, Yaml};
 
 /// The image `inject` uses unless told otherwise.
 pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/serin-mesh/serin:", env!("CARGO_PKG_VERSION"));
@@ -259,14 +263,14 @@ pub fn inject(input: &str, file: &str, config: &InjectConfig) -> Result<Injectio
     let mut run = Run { file, config, kinds: Vec::new(), workloads: 0, reports: Vec::new(), warnings: Vec::new() };
     let mut output = String::with_capacity(input.len() * 2);
     for (index, doc) in split_documents(input).into_iter().enumerate() {
-        let parsed = tree::parse_document(doc.text).map_err(|e| parse_error(file, index + 1, &doc, &e))?;
+        let parsed = yaml::parse_document(doc.text).map_err(|e| parse_error(file, index + 1, &doc, &e))?;
         let Some(mut resource) = parsed else {
             output.push_str(doc.text);
             continue;
         };
         if run.resource(&mut resource)? {
             let workload = describe(&resource);
-            let text = tree::to_yaml(&resource).map_err(|e| InjectError::Emit {
+            let text = yaml::to_yaml(&resource).map_err(|e| InjectError::Emit {
                 file: file.to_string(),
                 workload,
                 message: e.to_string(),
@@ -510,7 +514,7 @@ spec:
     }
 
     fn docs(text: &str) -> Vec<Yaml> {
-        split_documents(text).iter().filter_map(|d| tree::parse_document(d.text).unwrap()).collect()
+        split_documents(text).iter().filter_map(|d| yaml::parse_document(d.text).unwrap()).collect()
     }
 
     /// Removes what `inject` adds from a pod template, to compare with the input.

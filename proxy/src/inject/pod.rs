@@ -2,9 +2,9 @@
 //! `serin-proxy` sidecar container, the identity volumes and the annotations.
 
 use serde::Serialize;
+use serin_control_api::yaml::{Mapping, WrongType, Yaml, parse_document};
 
 use super::annotations::{self, AnnotationError};
-use super::tree::{Mapping, WrongType, Yaml, parse_document};
 use super::{InjectConfig, Outcome};
 
 /// Name of the init container.

@@ -1,15 +1,32 @@
-//! A generic YAML value tree that keeps mapping keys in document order.
+//! The project's one ordered YAML tree: a generic YAML value ([`Yaml`]) that keeps
+//! mapping keys in document order. The control plane's store reads Istio documents
+//! into it to edit route weights and write them back
+//! ([`server::Store`](crate::server::Store)); `serin inject` reads Kubernetes
+//! manifests into it to add the sidecar.
 //!
-//! serde-saphyr deserializes straight into typed values and has no value type of its
-//! own; `serde_json::Value` would do as a tree, but without serde_json's
-//! `preserve_order` feature (a workspace-wide switch) it sorts mapping keys. `inject`
-//! must leave a manifest's keys in their order, so it reads each document into this
-//! small tree ([`Yaml`]) through serde's `deserialize_any` and writes it back with
+//! Why a tree of our own: serde-saphyr deserializes straight into typed values and has
+//! no value type; `serde_json::Value` would do as a tree, but without serde_json's
+//! `preserve_order` feature (a workspace-wide switch) it sorts mapping keys, and an
+//! edited document must still read like the one its author wrote. So documents are
+//! read into this small tree through serde's `deserialize_any` and written back with
 //! serde-saphyr's serializer. Comments are not kept; keys, order and values are.
 //!
 //! Scalars are read the way Kubernetes reads them (sigs.k8s.io/yaml, a YAML 1.1
-//! reader): `yes`/`no`/`on`/`off` are booleans and `0644` is octal (420). Strings that
-//! a reader could take for something else are quoted when written.
+//! reader, which also reads Istio's configs): `yes`/`no`/`on`/`off` are booleans and
+//! `0644` is octal (420). Strings that a reader could take for something else are
+//! quoted when written, and long strings are never folded.
+//!
+//! ```
+//! use serin_control_api::yaml::{Yaml, parse_document, to_yaml};
+//!
+//! let mut doc = parse_document("kind: Pod\nspec: {replicas: 1}\n")?.unwrap_or_default();
+//! if let Some(spec) = doc.get_mut("spec").and_then(Yaml::as_map_mut) {
+//!     spec.insert("replicas", Yaml::Int(2));
+//! }
+//! assert_eq!(doc.at(&["spec", "replicas"]), Some(&Yaml::Int(2)));
+//! assert_eq!(to_yaml(&doc)?, "kind: Pod\nspec:\n  replicas: 2\n");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 use std::fmt;
 
@@ -17,9 +34,10 @@ use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 
 /// One YAML node.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub enum Yaml {
     /// `null`, `~` or an empty value.
+    #[default]
     Null,
     /// `true` / `false` (also YAML 1.1's `yes`, `on`, …).
     Bool(bool),
@@ -79,9 +97,41 @@ impl Yaml {
         }
     }
 
+    /// The sequence, mutably, when this node is one.
+    pub fn as_seq_mut(&mut self) -> Option<&mut Vec<Yaml>> {
+        match self {
+            Yaml::Seq(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The integer, when this node is a non-negative one.
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            Yaml::Int(i) => u64::try_from(i).ok(),
+            Yaml::UInt(u) => Some(u),
+            _ => None,
+        }
+    }
+
+    /// The value of string key `key`, when this node is a mapping that has it.
+    pub fn get(&self, key: &str) -> Option<&Yaml> {
+        self.as_map()?.get(key)
+    }
+
+    /// The value of string key `key`, mutably, when this node is a mapping that has it.
+    pub fn get_mut(&mut self, key: &str) -> Option<&mut Yaml> {
+        self.as_map_mut()?.get_mut(key)
+    }
+
     /// The node at a path of mapping keys, e.g. `["spec", "template"]`.
     pub fn at(&self, path: &[&str]) -> Option<&Yaml> {
-        path.iter().try_fold(self, |node, key| node.as_map()?.get(key))
+        path.iter().try_fold(self, |node, key| node.get(key))
+    }
+
+    /// The node at a path of mapping keys, mutably.
+    pub fn at_mut(&mut self, path: &[&str]) -> Option<&mut Yaml> {
+        path.iter().try_fold(self, |node, key| node.get_mut(key))
     }
 
     /// A short name of the node's type, for messages.
@@ -98,7 +148,8 @@ impl Yaml {
 }
 
 /// A node found where another type was needed (see [`Mapping::map_entry`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: expected {expected}, found {found}")]
 pub struct WrongType {
     /// The key that holds the node.
     pub key: String,
@@ -161,32 +212,28 @@ impl Mapping {
 
     /// The mapping under `key`, created (appended) when the key is missing or null.
     pub fn map_entry(&mut self, key: &str) -> Result<&mut Mapping, WrongType> {
-        if matches!(self.get(key), None | Some(Yaml::Null)) {
-            self.insert(key, Yaml::Map(Mapping::new()));
-        }
-        match self.get_mut(key) {
-            Some(Yaml::Map(m)) => Ok(m),
-            other => Err(WrongType {
-                key: key.to_string(),
-                expected: "a mapping",
-                found: other.map_or("nothing", |v| v.type_name()),
-            }),
-        }
+        self.entry(key, || Yaml::Map(Mapping::new()), Yaml::as_map_mut, "a mapping")
     }
 
     /// The list under `key`, created (appended) when the key is missing or null.
     pub fn seq_entry(&mut self, key: &str) -> Result<&mut Vec<Yaml>, WrongType> {
+        self.entry(key, || Yaml::Seq(Vec::new()), Yaml::as_seq_mut, "a list")
+    }
+
+    /// The node under `key` as `pick` takes it, `empty()` put there first when the
+    /// key is missing or null; a [`WrongType`] naming `expected` when `pick` refuses it.
+    fn entry<T: ?Sized>(
+        &mut self,
+        key: &str,
+        empty: fn() -> Yaml,
+        pick: fn(&mut Yaml) -> Option<&mut T>,
+        expected: &'static str,
+    ) -> Result<&mut T, WrongType> {
         if matches!(self.get(key), None | Some(Yaml::Null)) {
-            self.insert(key, Yaml::Seq(Vec::new()));
+            self.insert(key, empty());
         }
-        match self.get_mut(key) {
-            Some(Yaml::Seq(s)) => Ok(s),
-            other => Err(WrongType {
-                key: key.to_string(),
-                expected: "a list",
-                found: other.map_or("nothing", |v| v.type_name()),
-            }),
-        }
+        let found = self.get(key).map_or("nothing", Yaml::type_name);
+        self.get_mut(key).and_then(pick).ok_or_else(|| WrongType { key: key.to_string(), expected, found })
     }
 }
 
@@ -196,15 +243,15 @@ impl FromIterator<(Yaml, Yaml)> for Mapping {
     }
 }
 
-/// The options `inject` reads documents with: Kubernetes' YAML 1.1 reading of
-/// booleans and octal numbers; duplicate keys are an error (as for kubectl).
+/// The options documents are read with: Kubernetes' YAML 1.1 reading of booleans
+/// and octal numbers; duplicate keys are an error (as for kubectl).
 pub fn read_options() -> serde_saphyr::Options {
     serde_saphyr::options! {
         legacy_octal_numbers: true,
     }
 }
 
-/// The options `inject` writes documents with: two-space indent, list items at
+/// The options documents are written with: two-space indent, list items at
 /// their key's column (kubectl's style), multi-line strings as literal blocks and
 /// no folding of long strings (folding is where round-trips usually go wrong).
 pub fn write_options() -> serde_saphyr::SerializerOptions {
@@ -215,7 +262,8 @@ pub fn write_options() -> serde_saphyr::SerializerOptions {
     }
 }
 
-/// Reads one YAML document (`None` when it holds only comments or nothing).
+/// Reads one YAML document (`None` when it holds only comments or nothing; a caller
+/// that wants [`Yaml::Null`] then takes `unwrap_or_default()`).
 pub fn parse_document(text: &str) -> Result<Option<Yaml>, serde_saphyr::Error> {
     serde_saphyr::from_str_with_options::<Option<Yaml>>(text, read_options())
 }
@@ -462,5 +510,42 @@ mod tests {
         m.insert("metadata", Yaml::Null);
         let keys: Vec<_> = m.iter().map(|(k, _)| k.as_str().unwrap_or("?")).collect();
         assert_eq!(keys, ["metadata", "spec"], "insert keeps the key's position");
+    }
+
+    #[test]
+    fn an_istio_document_round_trips_with_its_order_and_types() {
+        let text = "kind: VirtualService\nmetadata:\n  name: payment\n  labels:\n    serin.io/stable: \"true\"\n    port: \"8080\"\nspec:\n  hosts: [payment]\n  http:\n  - route:\n    - destination: {host: payment, subset: v1}\n      weight: 95\n    timeout: 1.5\n    empty: ~\n";
+        let doc = parse(text);
+        assert_eq!(doc.at(&["metadata", "labels", "serin.io/stable"]).and_then(Yaml::as_str), Some("true"));
+        let out = to_yaml(&doc).unwrap();
+        let again = parse(&out);
+        assert_eq!(doc, again, "{out}");
+        let keys: Vec<_> = again.as_map().unwrap().iter().filter_map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["kind", "metadata", "spec"]);
+    }
+
+    #[test]
+    fn nodes_are_reached_and_edited_through_paths() {
+        let mut doc = parse("spec:\n  http:\n  - route:\n    - weight: 95\n    - weight: -1\nname: x\n");
+        let routes = doc.at_mut(&["spec", "http"]).and_then(Yaml::as_seq_mut).unwrap();
+        let destinations = routes[0].get_mut("route").and_then(Yaml::as_seq_mut).unwrap();
+        assert_eq!(destinations[0].get("weight").and_then(Yaml::as_u64), Some(95));
+        assert_eq!(destinations[1].get("weight").and_then(Yaml::as_u64), None, "negative");
+        destinations[0].as_map_mut().unwrap().insert("weight", Yaml::Int(5));
+        assert_eq!(
+            doc.at(&["spec", "http"]).and_then(Yaml::as_seq).unwrap()[0].at(&["route"]).unwrap().as_seq().unwrap()[0]
+                .get("weight"),
+            Some(&Yaml::Int(5))
+        );
+        assert_eq!(doc.at(&["name", "deeper"]), None, "a path through a string");
+        assert_eq!(doc.get_mut("missing"), None);
+        assert_eq!(Yaml::UInt(u64::MAX).as_u64(), Some(u64::MAX));
+    }
+
+    #[test]
+    fn empty_documents_read_as_none() {
+        assert_eq!(parse_document("").unwrap(), None);
+        assert_eq!(parse_document("# only a comment\n").unwrap(), None);
+        assert_eq!(parse_document("~\n").unwrap().unwrap_or_default(), Yaml::Null);
     }
 }
