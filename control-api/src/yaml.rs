@@ -400,8 +400,68 @@ impl<'de> Visitor<'de> for YamlVisitor {
     }
 }
 
+/// One `---`-separated document of a YAML stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Document<'a> {
+    /// The document's text, starting with its `---` line when it has one.
+    pub text: &'a str,
+    /// 1-based line of `text`'s first line in the whole stream.
+    pub first_line: u32,
+}
+
+impl<'a> Document<'a> {
+    /// The text without its leading `---` marker line (and a comment on it).
+    pub fn content(&self) -> &'a str {
+        match self.text.split_once('\n') {
+            Some((first, rest)) if is_marker(first) => rest,
+            None if is_marker(self.text) => "",
+            _ => self.text,
+        }
+    }
+}
+
+/// Whether `line` is a document marker: `---` at the start of the line, then
+/// nothing or white space (YAML forbids such a line inside content).
+fn is_marker(line: &str) -> bool {
+    let body = line.trim_end_matches(['\n', '\r']);
+    body.starts_with("---") && body[3..].chars().next().is_none_or(char::is_whitespace)
+}
+
+/// Splits a YAML stream at document markers. Each document keeps its own marker
+/// line; an empty stream has no documents.
+pub fn split_documents(text: &str) -> Vec<Document<'_>> {
+    let mut docs = Vec::new();
+    let (mut start, mut start_line, mut offset) = (0usize, 1u32, 0usize);
+    for (index, line) in text.split_inclusive('\n').enumerate() {
+        let marker = is_marker(line);
+        if marker && offset > start {
+            docs.push(Document { text: &text[start..offset], first_line: start_line });
+            start = offset;
+        }
+        if marker {
+            start_line = u32::try_from(index + 1).unwrap_or(u32::MAX);
+        }
+        offset += line.len();
+    }
+    if offset > start {
+        docs.push(Document { text: &text[start..], first_line: start_line });
+    }
+    docs
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn documents_split_at_markers_only() {
+        let text = "a: 1\n---\nb: |\n  ---not a marker\n--- # c\nc: 3\n---\n";
+        let parts: Vec<_> = split_documents(text).iter().map(|d| (d.text, d.first_line)).collect();
+        assert_eq!(parts, [("a: 1\n", 1), ("---\nb: |\n  ---not a marker\n", 2), ("--- # c\nc: 3\n", 5), ("---\n", 7)]);
+        let contents: Vec<_> = split_documents(text).iter().map(|d| d.content()).collect();
+        assert_eq!(contents, ["a: 1\n", "b: |\n  ---not a marker\n", "c: 3\n", ""]);
+        assert!(split_documents("").is_empty());
+        assert_eq!(split_documents("x: '---'\ny: ----\n").len(), 1);
+    }
+
     use super::*;
 
     fn parse(text: &str) -> Yaml {

@@ -514,7 +514,9 @@ fn read(text: &str) -> Result<Yaml, String> {
 /// that hold plain YAML (tests, tools). Empty documents are skipped.
 pub fn parse_documents(text: &str) -> Result<Vec<SourceDocument>, StoreError> {
     let mut out = Vec::new();
-    for (index, doc) in split_documents(text).into_iter().enumerate() {
+    let documents =
+        crate::yaml::split_documents(text).into_iter().map(|d| d.content()).filter(|d| !d.trim().is_empty());
+    for (index, doc) in documents.enumerate() {
         let value = read(doc).map_err(|message| StoreError::Document { name: format!("#{index}"), message })?;
         if matches!(value, Yaml::Null) {
             continue;
@@ -531,26 +533,4 @@ pub fn parse_documents(text: &str) -> Result<Vec<SourceDocument>, StoreError> {
         out.push((kind, format!("{ns}/{name}"), doc.to_string()));
     }
     Ok(out)
-}
-
-/// Splits at `---` lines (YAML forbids them inside content).
-fn split_documents(text: &str) -> Vec<&str> {
-    let mut docs = Vec::new();
-    let mut start = 0usize;
-    let mut offset = 0usize;
-    for line in text.split_inclusive('\n') {
-        let body = line.trim_end_matches(['\n', '\r']);
-        let is_marker = body.starts_with("---") && body[3..].chars().next().is_none_or(char::is_whitespace);
-        if is_marker {
-            if offset > start {
-                docs.push(&text[start..offset]);
-            }
-            start = offset + line.len();
-        }
-        offset += line.len();
-    }
-    if offset > start {
-        docs.push(&text[start..]);
-    }
-    docs.into_iter().filter(|d| !d.trim().is_empty()).collect()
 }

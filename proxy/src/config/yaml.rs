@@ -4,39 +4,7 @@
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-/// One `---`-separated document of a YAML stream.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Document<'a> {
-    /// The document's text, starting with its `---` line when it has one.
-    pub text: &'a str,
-    /// 1-based line of `text`'s first line in the whole stream.
-    pub first_line: u32,
-}
-
-/// Splits a YAML stream at document markers (`---` at the start of a line, which
-/// YAML forbids inside content).
-pub(crate) fn split_documents(text: &str) -> Vec<Document<'_>> {
-    let mut docs = Vec::new();
-    let mut start = 0usize;
-    let mut start_line = 1u32;
-    let mut offset = 0usize;
-    for (index, line) in text.split_inclusive('\n').enumerate() {
-        let body = line.trim_end_matches(['\n', '\r']);
-        let is_marker = body.starts_with("---") && body[3..].chars().next().is_none_or(char::is_whitespace);
-        if is_marker && offset > start {
-            docs.push(Document { text: &text[start..offset], first_line: start_line });
-            start = offset;
-            start_line = u32::try_from(index + 1).unwrap_or(u32::MAX);
-        } else if is_marker {
-            start_line = u32::try_from(index + 1).unwrap_or(u32::MAX);
-        }
-        offset += line.len();
-    }
-    if offset > start {
-        docs.push(Document { text: &text[start..], first_line: start_line });
-    }
-    docs
-}
+pub(crate) use serin_control_api::yaml::{Document, split_documents};
 
 /// A deserialization problem in one document.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -28,7 +28,7 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use serin_control_api::yaml::{self, Mapping, Yaml};
+use serin_control_api::yaml::{self, Document, Mapping, Yaml, split_documents};
 
 use self::pod::PodError;
 
@@ -199,33 +199,6 @@ const WORKLOADS: &[WorkloadKind] = &[
     WorkloadKind { kind: "CronJob", groups: &["batch"], template: &["spec", "jobTemplate", "spec", "template"] },
 ];
 
-/// One `---`-separated document of the input.
-struct Document<'a> {
-    text: &'a str,
-    /// 1-based line of the document's first line in the whole input.
-    first_line: usize,
-}
-
-/// Splits a YAML stream at `---` lines (YAML forbids them inside content at column 0).
-fn split_documents(text: &str) -> Vec<Document<'_>> {
-    let mut docs = Vec::new();
-    let (mut start, mut start_line, mut offset) = (0usize, 1usize, 0usize);
-    for (index, line) in text.split_inclusive('\n').enumerate() {
-        let body = line.trim_end_matches(['\n', '\r']);
-        let is_marker = body.starts_with("---") && body[3..].chars().next().is_none_or(char::is_whitespace);
-        if is_marker && offset > start {
-            docs.push(Document { text: &text[start..offset], first_line: start_line });
-            start = offset;
-            start_line = index + 1;
-        }
-        offset += line.len();
-    }
-    if offset > start || docs.is_empty() {
-        docs.push(Document { text: &text[start..], first_line: start_line });
-    }
-    docs
-}
-
 /// The document's `---` line and the comment/blank lines before its content: kept
 /// in front of a rewritten document.
 fn leading_lines(text: &str) -> &str {
@@ -305,7 +278,7 @@ fn parse_error(file: &str, document: usize, doc: &Document<'_>, e: &serde_saphyr
         message.truncate(cut);
     }
     if let Some(loc) = e.location().filter(|l| l.line() > 0) {
-        let line = usize::try_from(loc.line()).unwrap_or(usize::MAX).saturating_add(doc.first_line - 1);
+        let line = usize::try_from(loc.line()).unwrap_or(usize::MAX).saturating_add(doc.first_line as usize - 1);
         message = format!("line {line}, column {}: {message}", loc.column());
     }
     InjectError::Parse { file: file.to_string(), document, message }
@@ -667,10 +640,7 @@ spec:
     }
 
     #[test]
-    fn documents_split_at_markers_only() {
-        let text = "a: 1\n---\nb: |\n  ---not a marker\n--- # c\nc: 3\n";
-        let parts: Vec<_> = split_documents(text).iter().map(|d| (d.text, d.first_line)).collect();
-        assert_eq!(parts, [("a: 1\n", 1), ("---\nb: |\n  ---not a marker\n", 2), ("--- # c\nc: 3\n", 5)]);
+    fn leading_lines_keep_the_marker_and_comments() {
         assert_eq!(leading_lines("--- # c\n# note\n\nc: 3\n"), "--- # c\n# note\n\n");
         assert_eq!(leading_lines("--- {a: 1}\n"), "");
     }
