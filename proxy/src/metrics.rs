@@ -237,6 +237,11 @@ fn or_unknown(value: &str) -> &str {
     if value.is_empty() { UNKNOWN } else { value }
 }
 
+/// A `HashMap` with foldhash's fast hasher, for the request-path caches: their keys
+/// are pointers and small integers chosen by this process and its configuration, so
+/// SipHash's flooding resistance buys nothing and costs ~700 instructions per request.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// A value shared by every holder of equal content: compares and hashes by pointer.
 /// Only [`Interner::intern`] makes one, which keeps "equal content ⇔ same pointer".
 #[derive(Debug)]
@@ -289,7 +294,7 @@ impl<T: Hash + Eq> Interner<T> {
 /// Entries whose object is gone are pruned when the map has doubled.
 #[derive(Debug)]
 struct PtrCache<K, V> {
-    map: RwLock<HashMap<usize, (Weak<K>, V)>>,
+    map: RwLock<FastMap<usize, (Weak<K>, V)>>,
     prune_at: AtomicUsize,
 }
 
@@ -297,7 +302,7 @@ impl<K, V: Clone> PtrCache<K, V> {
     const MIN_PRUNE: usize = 64;
 
     fn new() -> Self {
-        PtrCache { map: RwLock::new(HashMap::new()), prune_at: AtomicUsize::new(Self::MIN_PRUNE) }
+        PtrCache { map: RwLock::new(FastMap::default()), prune_at: AtomicUsize::new(Self::MIN_PRUNE) }
     }
 
     fn get_or_insert_with(&self, key: &Arc<K>, make: impl FnOnce(&K) -> V) -> V {
@@ -597,8 +602,8 @@ pub struct Metrics {
     tcp_closed: Family<TcpLabels, Counter>,
     /// Inbound connections refused before any request, by reason.
     inbound_refused: Family<Vec<(&'static str, &'static str)>, Counter>,
-    request_handles: RwLock<HashMap<RequestLabels, RequestHandles>>,
-    tcp_handles: RwLock<HashMap<TcpLabels, TcpHandles>>,
+    request_handles: RwLock<FastMap<RequestLabels, RequestHandles>>,
+    tcp_handles: RwLock<FastMap<TcpLabels, TcpHandles>>,
     labels: LabelCache,
 }
 
@@ -622,8 +627,8 @@ impl Metrics {
             tcp_opened: Family::default(),
             tcp_closed: Family::default(),
             inbound_refused: Family::default(),
-            request_handles: RwLock::new(HashMap::new()),
-            tcp_handles: RwLock::new(HashMap::new()),
+            request_handles: RwLock::new(FastMap::default()),
+            tcp_handles: RwLock::new(FastMap::default()),
             labels: LabelCache::new(),
             registry: Registry::default(),
         };

@@ -75,7 +75,7 @@ pub fn fault_abort(mut rec: Recorder, abort: &FaultAbort) -> Response<ProxyBody>
 pub fn redirect(rec: Recorder, r: &Redirect, uri: &Uri, authority: &str) -> Response<ProxyBody> {
     let scheme = r.scheme.as_deref().unwrap_or("http");
     let (host, _) = super::split_host_port(authority, 0);
-    let host = r.authority.clone().unwrap_or(host);
+    let host = r.authority.clone().unwrap_or_else(|| host.into_owned());
     let port = r.port.map(|p| format!(":{p}")).unwrap_or_default();
     let path = r.uri.clone().unwrap_or_else(|| uri.path_and_query().map_or("/", |p| p.as_str()).to_string());
     let location = format!("{scheme}://{host}{port}{path}");

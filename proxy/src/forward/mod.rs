@@ -10,6 +10,7 @@ pub mod mirror;
 pub mod record;
 pub mod retry;
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -204,7 +205,7 @@ pub async fn handle(
     }
     headers::apply_edits(&mut parts.headers, &route.headers.request);
     headers::apply_edits(&mut parts.headers, &dest.headers.request);
-    let (path, authority) = rewrite(route, &parts.uri, &authority);
+    let (path, authority) = rewrite(route, &parts.uri, authority);
 
     let protocol = upstream_protocol(&cluster, parts.version, rec.info.is_grpc, upgrade);
     let replayable = incoming_is_small(&parts.headers, &body);
@@ -330,7 +331,7 @@ fn request_authority(uri: &Uri, headers: &HeaderMap) -> String {
 }
 
 /// Lower-case host without port, and the port (or `default_port`).
-pub fn split_host_port(authority: &str, default_port: u16) -> (String, u16) {
+pub fn split_host_port(authority: &str, default_port: u16) -> (Cow<'_, str>, u16) {
     let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
         // [v6]:port
         match rest.split_once(']') {
@@ -343,7 +344,13 @@ pub fn split_host_port(authority: &str, default_port: u16) -> (String, u16) {
             _ => (authority, None),
         }
     };
-    (host.to_ascii_lowercase(), port.unwrap_or(default_port))
+    // Borrowed when already lower case (the usual case): no allocation.
+    let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    };
+    (host, port.unwrap_or(default_port))
 }
 
 fn protocol_name(v: Version) -> &'static str {
@@ -440,10 +447,10 @@ fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
 }
 
 /// The upstream path and authority after `rewrite`.
-fn rewrite(route: &Route, uri: &Uri, authority: &str) -> (String, String) {
+fn rewrite(route: &Route, uri: &Uri, authority: String) -> (String, String) {
     let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
     let Some(Rewrite { uri: new_uri, authority: new_auth }) = &route.rewrite else {
-        return (path_and_query.to_string(), authority.to_string());
+        return (path_and_query.to_string(), authority);
     };
     let path = match new_uri {
         Some(replacement) => {
@@ -468,7 +475,7 @@ fn rewrite(route: &Route, uri: &Uri, authority: &str) -> (String, String) {
         }
         None => path_and_query.to_string(),
     };
-    (path, new_auth.clone().unwrap_or_else(|| authority.to_string()))
+    (path, new_auth.clone().unwrap_or(authority))
 }
 
 #[cfg(test)]
@@ -502,7 +509,7 @@ mod tests {
         };
         for path in ["/shop/cart?x=1", "/Shop/cart?x=1", "/SHOP/cart?x=1"] {
             let uri: Uri = path.parse().expect("uri");
-            assert_eq!(rewrite(&route, &uri, "payment").0, "/cart?x=1", "{path}");
+            assert_eq!(rewrite(&route, &uri, "payment".to_string()).0, "/cart?x=1", "{path}");
         }
     }
 
