@@ -16,111 +16,14 @@ import argparse
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release")
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url, timeout=10.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"not ready: {url}")
-
-
-def cpu_seconds(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
-
-
-def status_kb(pid, key):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def config(v1, v2, mesh=False):
-    """The 95/5 canary over two endpoints; `mesh` marks them as sidecars (auto-mTLS)."""
-    extra = ", serviceAccount: payment" if mesh else ""
-    label = ", security.istio.io/tlsMode: istio" if mesh else ""
-    eps = "".join(
-        f"  - {{address: 127.0.0.1, ports: {{http: {p}}}{extra}, labels: {{app: payment, version: {v}{label}}}}}\n"
-        for v, p in (("v1", v1), ("v2", v2))
-    )
-    return (
-        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: payment, namespace: default}\n"
-        "spec:\n  hosts: [payment.default.svc.cluster.local]\n  resolution: STATIC\n"
-        "  ports: [{number: 8080, name: http, protocol: HTTP}]\n  endpoints:\n" + eps +
-        "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: payment, namespace: default}\n"
-        "spec:\n  host: payment\n  subsets:\n  - {name: v1, labels: {version: v1}}\n  - {name: v2, labels: {version: v2}}\n"
-        "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: payment, namespace: default}\n"
-        "spec:\n  hosts: [payment]\n  http:\n  - route:\n"
-        "    - {destination: {host: payment, subset: v1}, weight: 95}\n"
-        "    - {destination: {host: payment, subset: v2}, weight: 5}\n"
-    )
-
-
-class Sidecar:
-    """A `serin sidecar` process on ephemeral loopback ports."""
-
-    def __init__(self, procs, config_dir, cert_dir=None, app=None):
-        self.outbound, self.inbound, adm, met, self.health = (free_port() for _ in range(5))
-        cmd = [os.path.join(BIN, "serin"), "sidecar", "--outbound", f"127.0.0.1:{self.outbound}",
-               "--inbound", f"127.0.0.1:{self.inbound}", "--admin", f"127.0.0.1:{adm}",
-               "--metrics", f"127.0.0.1:{met}", "--health", f"127.0.0.1:{self.health}", "--no-access-log"]
-        if config_dir:
-            cmd += ["--config", config_dir]
-        if cert_dir:
-            cmd += ["--cert-dir", cert_dir]
-        if app:
-            cmd += ["--app", f"127.0.0.1:{app}"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        procs.append(self.proc)
-        wait_http(f"http://127.0.0.1:{self.health}/healthz/ready")
-
-    @property
-    def pid(self):
-        return self.proc.pid
-
-
-def write(dir_path, name, text):
-    os.makedirs(dir_path, exist_ok=True)
-    with open(os.path.join(dir_path, name), "w") as f:
-        f.write(text)
-
-
-def serin_ca(tmp):
-    """A mesh CA and the identities `frontend` and `payment`, made with `serin ca`."""
-    ca = os.path.join(tmp, "ca")
-    subprocess.run([os.path.join(BIN, "serin"), "ca", "init", "--dir", ca], check=True, capture_output=True)
-    dirs = {}
-    for sa in ("frontend", "payment"):
-        out = os.path.join(tmp, "id-" + sa)
-        subprocess.run([os.path.join(BIN, "serin"), "ca", "issue", "--dir", ca, "--out", out,
-                        "--spiffe", f"spiffe://cluster.local/ns/default/sa/{sa}"], check=True, capture_output=True)
-        dirs[sa] = out
-    return dirs
+# Helpers shared with benches/compare (the side-by-side with nginx and haproxy).
+from benchlib import (BIN, ROOT, Sidecar, config, cpu_model, cpu_seconds, free_port, serin_ca,  # noqa: F401
+                      status_kb, wait_http, write)
 
 
 def load(url, rate, duration, connections, http2):
@@ -220,16 +123,6 @@ def main():
     print(f"\nserin one-hop sidecar RSS: idle {idle_rss / 1024:.1f} MiB; peak under load per path (largest proxy): "
           + ", ".join(f"{n} {kb / 1024:.1f} MiB" for n, kb in peaks.items() if kb))
 
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

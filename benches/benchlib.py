@@ -1,0 +1,215 @@
+"""Helpers shared by the benchmark scripts in benches/ (proxy_bench.py, compare).
+
+Loopback ports, readiness waits, CPU and memory of processes (and of a process
+tree: a master and its workers) from /proc, the payment canary config for a serin
+sidecar, identities from `serin ca`, and a `serin sidecar` process on ephemeral
+ports. Standard library only.
+"""
+
+import os
+import platform
+import socket
+import subprocess
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target", "release")
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url, timeout=10.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"not ready: {url}")
+
+
+def cpu_seconds(pid):
+    """utime + stime of one process (all its threads), seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+
+
+def status_kb(pid, key):
+    """A `kB` field of /proc/<pid>/status (VmRSS, VmHWM, ...); 0 when absent."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def tree_pids(pid):
+    """`pid` and every live descendant (e.g. an nginx master and its workers)."""
+    children = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        children.setdefault(ppid, []).append(int(name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def tree_cpu_seconds(pid):
+    """CPU seconds (utime + stime) summed over `pid`'s process tree."""
+    total = 0.0
+    for p in tree_pids(pid):
+        try:
+            total += cpu_seconds(p)
+        except OSError:
+            pass  # exited meanwhile
+    return total
+
+
+def tree_status_kb(pid, key):
+    """`status_kb` summed over `pid`'s process tree, and the largest single process."""
+    values = []
+    for p in tree_pids(pid):
+        try:
+            values.append(status_kb(p, key))
+        except OSError:
+            pass
+    return sum(values), max(values, default=0)
+
+
+def tree_pss_kb(pid):
+    """Proportional set size (Pss, /proc/<pid>/smaps_rollup) summed over `pid`'s process
+    tree, kB: pages shared between a master and its workers are counted once."""
+    total = 0
+    for p in tree_pids(pid):
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1])
+                        break
+        except OSError:
+            pass
+    return total
+
+
+def config(v1, v2, mesh=False):
+    """The 95/5 canary over two endpoints; `mesh` marks them as sidecars (auto-mTLS)."""
+    extra = ", serviceAccount: payment" if mesh else ""
+    label = ", security.istio.io/tlsMode: istio" if mesh else ""
+    eps = "".join(
+        f"  - {{address: 127.0.0.1, ports: {{http: {p}}}{extra}, labels: {{app: payment, version: {v}{label}}}}}\n"
+        for v, p in (("v1", v1), ("v2", v2))
+    )
+    return (
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: payment, namespace: default}\n"
+        "spec:\n  hosts: [payment.default.svc.cluster.local]\n  resolution: STATIC\n"
+        "  ports: [{number: 8080, name: http, protocol: HTTP}]\n  endpoints:\n" + eps +
+        "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: payment, namespace: default}\n"
+        "spec:\n  host: payment\n  subsets:\n  - {name: v1, labels: {version: v1}}\n  - {name: v2, labels: {version: v2}}\n"
+        "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: payment, namespace: default}\n"
+        "spec:\n  hosts: [payment]\n  http:\n  - route:\n"
+        "    - {destination: {host: payment, subset: v1}, weight: 95}\n"
+        "    - {destination: {host: payment, subset: v2}, weight: 5}\n"
+    )
+
+
+class Sidecar:
+    """A `serin sidecar` process on ephemeral loopback ports.
+
+    `prefix` goes before the command (e.g. `["taskset", "-c", "0"]`), `env` is the
+    process environment (default: ours), `serin` the binary (default
+    target/release/serin). With `wait`, returns once `/healthz/ready` answers 200.
+    """
+
+    def __init__(self, procs, config_dir, cert_dir=None, app=None, serin=None, prefix=(), env=None,
+                 wait=True):
+        self.outbound, self.inbound, adm, met, self.health = (free_port() for _ in range(5))
+        cmd = list(prefix) + [
+            serin or os.path.join(BIN, "serin"), "sidecar", "--outbound", f"127.0.0.1:{self.outbound}",
+            "--inbound", f"127.0.0.1:{self.inbound}", "--admin", f"127.0.0.1:{adm}",
+            "--metrics", f"127.0.0.1:{met}", "--health", f"127.0.0.1:{self.health}", "--no-access-log"]
+        if config_dir:
+            cmd += ["--config", config_dir]
+        if cert_dir:
+            cmd += ["--cert-dir", cert_dir]
+        if app:
+            cmd += ["--app", f"127.0.0.1:{app}"]
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        procs.append(self.proc)
+        if wait:
+            wait_http(f"http://127.0.0.1:{self.health}/healthz/ready")
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+
+def write(dir_path, name, text):
+    os.makedirs(dir_path, exist_ok=True)
+    path = os.path.join(dir_path, name)
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def serin_ca(tmp, serin=None, accounts=("frontend", "payment")):
+    """A mesh CA and one identity per service account, made with `serin ca`.
+
+    Returns {account: folder holding key.pem, cert-chain.pem, root-cert.pem}."""
+    serin = serin or os.path.join(BIN, "serin")
+    ca = os.path.join(tmp, "ca")
+    subprocess.run([serin, "ca", "init", "--dir", ca], check=True, capture_output=True, timeout=60)
+    dirs = {}
+    for sa in accounts:
+        out = os.path.join(tmp, "id-" + sa)
+        subprocess.run([serin, "ca", "issue", "--dir", ca, "--out", out,
+                        "--spiffe", f"spiffe://cluster.local/ns/default/sa/{sa}"],
+                       check=True, capture_output=True, timeout=60)
+        dirs[sa] = out
+    return dirs
+
+
+def stop_all(procs, timeout=10):
+    """SIGTERM every process, then SIGKILL what has not exited after `timeout`."""
+    for p in procs:
+        if p.poll() is None:
+            try:
+                p.terminate()
+            except OSError:
+                pass
+    for p in procs:
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(timeout=timeout)
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
