@@ -12,9 +12,12 @@
 //! `cargo test --workspace` builds for the proxy's tests), built with cargo when
 //! missing.
 
+mod support;
+
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
+use support::serin_bin;
 
 const CASES: [&str; 7] = [
     "direct",
@@ -32,26 +35,6 @@ fn find_tool(name: &str) -> Option<PathBuf> {
         std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
     dirs.extend(["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from));
     dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
-}
-
-/// The serin binary: `$SERIN_BIN`, else this profile's, built when missing.
-fn serin_bin() -> PathBuf {
-    if let Some(path) = std::env::var_os("SERIN_BIN") {
-        return PathBuf::from(path);
-    }
-    let load = PathBuf::from(env!("CARGO_BIN_EXE_serin-load"));
-    let serin = load.parent().expect("the profile folder").join("serin");
-    if !serin.is_file() {
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "serin", "--bin", "serin"])
-            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-            .status()
-            .expect("run cargo build -p serin");
-        assert!(status.success(), "cargo build -p serin failed");
-    }
-    assert!(serin.is_file(), "{} was not built", serin.display());
-    serin
 }
 
 /// Runs `cmd` to completion; past `timeout` it gets SIGTERM (the script then stops

@@ -17,31 +17,13 @@
 #[path = "../../tests/src/netns.rs"]
 mod netns;
 
-use std::path::PathBuf;
+mod support;
+
 use std::process::Command;
 use std::time::Duration;
+use support::serin_bin;
 
 const TOOLS: [&str; 3] = ["iptables-restore", "iptables-save", "python3"];
-
-/// The serin binary: `$SERIN_BIN`, else this profile's, built when missing.
-fn serin_bin() -> PathBuf {
-    if let Some(path) = std::env::var_os("SERIN_BIN") {
-        return PathBuf::from(path);
-    }
-    let load = PathBuf::from(env!("CARGO_BIN_EXE_serin-load"));
-    let serin = load.parent().expect("the profile folder").join("serin");
-    if !serin.is_file() {
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "serin", "--bin", "serin"])
-            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-            .status()
-            .expect("run cargo build -p serin");
-        assert!(status.success(), "cargo build -p serin failed");
-    }
-    assert!(serin.is_file(), "{} was not built", serin.display());
-    serin
-}
 
 #[test]
 fn netns_mesh_bench_quick_run() {

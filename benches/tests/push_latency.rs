@@ -7,30 +7,10 @@
 //! own profile folder (`target/debug/serin`, which `cargo test --workspace` builds for
 //! the proxy's tests), building it with cargo when it is not there.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+mod support;
 
-/// The serin binary to start as the control plane.
-fn serin_bin() -> PathBuf {
-    if let Some(path) = std::env::var_os("SERIN_BIN") {
-        return PathBuf::from(path);
-    }
-    // This test runs as <target>/<profile>/deps/push_latency-<hash>.
-    let exe = std::env::current_exe().expect("the test's own path");
-    let profile_dir = exe.parent().and_then(|deps| deps.parent()).expect("<target>/<profile>/deps/<test>");
-    let serin = profile_dir.join("serin");
-    if !serin.is_file() {
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "serin", "--bin", "serin"])
-            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-            .status()
-            .expect("run cargo build -p serin");
-        assert!(status.success(), "cargo build -p serin failed");
-    }
-    assert!(serin.is_file(), "{} was not built", serin.display());
-    serin
-}
+use std::process::{Command, Output};
+use support::serin_bin;
 
 fn push_latency(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_serin-push-latency"))
