@@ -4,8 +4,13 @@
 
 use std::path::Path;
 
-const PROTOS: [&str; 3] =
-    ["serin/control/v1/discovery.proto", "serin/control/v1/management.proto", "serin/control/v1/ca.proto"];
+const PROTOS: [&str; 5] = [
+    "serin/control/v1/discovery.proto",
+    "serin/control/v1/management.proto",
+    "serin/control/v1/ca.proto",
+    "serin/control/v1/load.proto",
+    "serin/control/v1/canary.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = Path::new("proto");

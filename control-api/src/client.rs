@@ -1,8 +1,10 @@
 //! Clients of the control plane: [`subscribe`] for sidecars (one discovery stream,
 //! ACK/NACK, reconnects with capped exponential backoff and jitter) and
-//! [`ManagementClient`] for `serin ctl`.
+//! [`ManagementClient`], [`CanaryClient`] and [`LoadClient`] for `serin ctl`. A
+//! subscription can also send the sidecar's load reports ([`LoadReports`]).
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -211,6 +213,30 @@ pub struct SubscribeOptions {
     pub connect_timeout: Duration,
     /// Largest message accepted (default 4 MiB).
     pub max_message_size: usize,
+    /// Where load reports come from, when the subscription sends them (default none).
+    pub load_reports: Option<LoadReports>,
+}
+
+/// Takes the load of the interval just ended and resets it: `None` when no request
+/// finished. Called from the subscription's task, so it should be quick.
+pub type TakeLoadReport = Arc<dyn Fn() -> Option<pb::LoadReport> + Send + Sync>;
+
+/// A subscription's load reporting: every `interval` it calls `take` and sends what it
+/// returns on the open discovery stream, as a request with only `load_report` set. A
+/// report taken while no stream is open (or while the stream's queue is full) is dropped,
+/// not queued: each report covers the interval it was taken in.
+#[derive(Clone)]
+pub struct LoadReports {
+    /// How often a report is taken (must not be zero).
+    pub interval: Duration,
+    /// Takes one.
+    pub take: TakeLoadReport,
+}
+
+impl std::fmt::Debug for LoadReports {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadReports").field("interval", &self.interval).finish_non_exhaustive()
+    }
 }
 
 impl Default for SubscribeOptions {
@@ -222,6 +248,7 @@ impl Default for SubscribeOptions {
             max_backoff: Duration::from_secs(15),
             connect_timeout: Duration::from_secs(5),
             max_message_size: MAX_MESSAGE_SIZE,
+            load_reports: None,
         }
     }
 }
@@ -245,6 +272,10 @@ pub struct ClientStatus {
     pub last_error: Option<String>,
     /// The last NACK's reason.
     pub last_nack: Option<String>,
+    /// Load reports sent on a stream.
+    pub load_reports_sent: u64,
+    /// Load reports dropped: taken while no stream was open, or its queue was full.
+    pub load_reports_dropped: u64,
 }
 
 /// A running subscription. Dropping it leaves the task running; call
@@ -316,6 +347,7 @@ pub fn subscribe_with_transport<H: Handler>(
         status: status_tx,
         accepted: ConfigState::default(),
         backoff: Duration::ZERO,
+        report_slot: Arc::new(Mutex::new(None)),
     };
     let task = tokio::spawn(client.run(stop_rx));
     Subscription { status: status_rx, stop, task }
@@ -329,6 +361,54 @@ struct SubscriptionTask<H> {
     status: watch::Sender<ClientStatus>,
     accepted: ConfigState,
     backoff: Duration,
+    /// The open stream's request queue, for the load reports; `None` between streams.
+    report_slot: ReportSlot,
+}
+
+type ReportSlot = Arc<Mutex<Option<mpsc::Sender<pb::DiscoveryRequest>>>>;
+
+fn lock_slot(slot: &ReportSlot) -> std::sync::MutexGuard<'_, Option<mpsc::Sender<pb::DiscoveryRequest>>> {
+    // Writers replace the whole value: a poisoned lock still holds a usable one.
+    slot.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Empties the slot when a stream ends (however its future ends).
+struct ClearSlot(ReportSlot);
+
+impl Drop for ClearSlot {
+    fn drop(&mut self) {
+        lock_slot(&self.0).take();
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Takes a report every interval and hands it to the open stream, if any.
+async fn send_load_reports(reports: LoadReports, slot: ReportSlot, status: watch::Sender<ClientStatus>) {
+    let interval = reports.interval.max(Duration::from_millis(10));
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(report) = (reports.take)() else { continue };
+        let tx = lock_slot(&slot).clone();
+        let request = pb::DiscoveryRequest { load_report: Some(report), ..pb::DiscoveryRequest::default() };
+        let sent = tx.is_some_and(|tx| tx.try_send(request).is_ok());
+        status.send_modify(|s| {
+            if sent {
+                s.load_reports_sent += 1;
+            } else {
+                s.load_reports_dropped += 1;
+            }
+        });
+    }
 }
 
 /// A response of a type waiting for the others to arrive (or for the handler).
@@ -344,6 +424,10 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 impl<H: Handler> SubscriptionTask<H> {
     async fn run(mut self, mut stop: watch::Receiver<bool>) {
         self.backoff = self.options.initial_backoff;
+        let _reports = self.options.load_reports.clone().map(|reports| {
+            let task = send_load_reports(reports, Arc::clone(&self.report_slot), self.status.clone());
+            AbortOnDrop(tokio::spawn(task))
+        });
         loop {
             let error = tokio::select! {
                 error = self.session() => error,
@@ -391,6 +475,9 @@ impl<H: Handler> SubscriptionTask<H> {
             Err(status) => return ClientError::Rpc(status).to_string(),
         };
         self.status.send_modify(|s| s.connects += 1);
+        // Load reports go on this stream from now on, after the subscription requests.
+        *lock_slot(&self.report_slot) = Some(tx.clone());
+        let _clear = ClearSlot(Arc::clone(&self.report_slot));
         let mut pending: BTreeMap<ResourceType, Pending> = BTreeMap::new();
         // The newest config of each type received on this stream, applied or not:
         // after a rejected set, a push of one type completes the set with the others.
@@ -517,6 +604,7 @@ fn answer(
         response_nonce: nonce,
         resource_names,
         error_detail: error.map(|e| pb::ErrorDetail { code: tonic::Code::InvalidArgument as i32, message: e.clone() }),
+        load_report: None,
     }
 }
 
@@ -640,6 +728,108 @@ impl ManagementClient {
             timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX).max(1),
         };
         Ok(self.inner.wait_for_ack(request).await?.into_inner())
+    }
+}
+
+// ----------------------------------------------------------------------------------
+// Canary client
+// ----------------------------------------------------------------------------------
+
+/// The canary analyses of the control plane, as `serin ctl canary` uses them.
+#[derive(Debug, Clone)]
+pub struct CanaryClient {
+    inner: pb::canaries_client::CanariesClient<Channel>,
+}
+
+impl CanaryClient {
+    /// Connects to the control plane at `address` (`http://host:15010` or `host:port`).
+    pub async fn connect(address: &str) -> Result<CanaryClient, ClientError> {
+        let endpoint = endpoint(address)?.connect_timeout(Duration::from_secs(5));
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| ClientError::Connect { endpoint: address.to_string(), message: chain(&e) })?;
+        Ok(CanaryClient::from_channel(channel))
+    }
+
+    /// Connects over `transport` (plaintext or TLS).
+    pub async fn connect_transport(transport: &Transport) -> Result<CanaryClient, ClientError> {
+        Ok(CanaryClient::from_channel(open(transport).await?))
+    }
+
+    /// A client over an open channel (TLS, tests).
+    pub fn from_channel(channel: Channel) -> CanaryClient {
+        CanaryClient { inner: pb::canaries_client::CanariesClient::new(channel) }
+    }
+
+    /// Starts an analysis (ALREADY_EXISTS when one runs on the service; a bad value is
+    /// INVALID_ARGUMENT naming the field).
+    pub async fn start(&mut self, spec: pb::CanarySpec) -> Result<pb::CanaryStatus, ClientError> {
+        Ok(self.inner.start(pb::StartCanaryRequest { spec: Some(spec) }).await?.into_inner())
+    }
+
+    /// Where the service's latest analysis stands (NOT_FOUND when none).
+    pub async fn get(&mut self, service: &str) -> Result<pb::CanaryStatus, ClientError> {
+        Ok(self.inner.get(pb::GetCanaryRequest { service: service.to_string() }).await?.into_inner())
+    }
+
+    /// Every analysis, running and finished (the latest per service).
+    pub async fn list(&mut self) -> Result<pb::CanaryList, ClientError> {
+        Ok(self.inner.list(pb::ListCanariesRequest {}).await?.into_inner())
+    }
+
+    /// Stops the service's running analysis; with `rollback`, once the canary's
+    /// weight 0 was applied and the sidecars answered.
+    pub async fn abort(&mut self, service: &str, rollback: bool) -> Result<pb::CanaryStatus, ClientError> {
+        let request = pb::AbortCanaryRequest { service: service.to_string(), rollback };
+        Ok(self.inner.abort(request).await?.into_inner())
+    }
+}
+
+// ----------------------------------------------------------------------------------
+// Load client
+// ----------------------------------------------------------------------------------
+
+/// The control plane's per-version load figures (`GetLoad`), as `serin ctl load` and
+/// dashboards read them.
+#[derive(Debug, Clone)]
+pub struct LoadClient {
+    inner: pb::load_client::LoadClient<Channel>,
+}
+
+impl LoadClient {
+    /// Connects to the control plane at `address` (`http://host:15010` or `host:port`).
+    pub async fn connect(address: &str) -> Result<LoadClient, ClientError> {
+        let endpoint = endpoint(address)?.connect_timeout(Duration::from_secs(5));
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| ClientError::Connect { endpoint: address.to_string(), message: chain(&e) })?;
+        Ok(LoadClient::from_channel(channel))
+    }
+
+    /// Connects over `transport` (plaintext or TLS).
+    pub async fn connect_transport(transport: &Transport) -> Result<LoadClient, ClientError> {
+        Ok(LoadClient::from_channel(open(transport).await?))
+    }
+
+    /// A client over an open channel (TLS, tests).
+    pub fn from_channel(channel: Channel) -> LoadClient {
+        LoadClient { inner: pb::load_client::LoadClient::new(channel) }
+    }
+
+    /// The figures of `service` (short name or FQDN; "" = every service) over the last
+    /// `window` (None = 60 s; at most 15 minutes), with one point per second when
+    /// `series` is set.
+    pub async fn load(
+        &mut self,
+        service: &str,
+        window: Option<Duration>,
+        series: bool,
+    ) -> Result<pb::LoadFigures, ClientError> {
+        let window_ms = window.map_or(0, |w| u32::try_from(w.as_millis()).unwrap_or(u32::MAX).max(1));
+        let request = pb::GetLoadRequest { service: service.to_string(), window_ms, series };
+        Ok(self.inner.get_load(request).await?.into_inner())
     }
 }
 

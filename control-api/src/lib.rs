@@ -7,6 +7,11 @@
 //! compiles them with the same validate-and-compile code it uses for files. The store
 //! edits them in [`yaml`], the project's one ordered YAML tree (`serin inject` uses it
 //! too).
+//!
+//! Sidecars also send per-version load reports on their discovery stream
+//! (`DiscoveryRequest.load_report`, [`client::LoadReports`]); the control plane sums
+//! them per second over 15 minutes ([`server::LoadStats`]) and answers `GetLoad` (the
+//! `Load` service, [`client::LoadClient`]).
 
 #![warn(missing_docs)]
 

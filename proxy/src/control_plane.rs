@@ -14,6 +14,10 @@
 //! sidecars' CSRs and serves gRPC over TLS on `--listen-tls` (15012) with a serving
 //! certificate it issues itself from that CA; every call there needs a mesh client
 //! certificate or a bootstrap token (`--bootstrap-tokens`). See the control-api README.
+//!
+//! The dashboard ([`crate::dashboard`], `docs/dashboard.md`) is served on `--ui`
+//! (default `127.0.0.1:15016`, `off` turns it off); its set-weight and rollback buttons
+//! act only with `--admin-token-file`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -35,7 +39,8 @@ use prometheus_client::registry::Registry;
 use serin_control_api::ResourceType;
 use serin_control_api::pb;
 use serin_control_api::server::{
-    BootstrapTokens, CaSettings, ControlPlane, Observer, ServerOptions, SourceDocument, Store, parse_documents,
+    BootstrapTokens, CaSettings, ControlPlane, LoadStats, Observer, ServerOptions, SourceDocument, Store,
+    parse_documents,
 };
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -67,6 +72,9 @@ pub struct ControlPlaneArgs {
     /// `--max-cert-ttl`: the mesh CA and the TLS listener.
     #[command(flatten)]
     pub security: SecurityArgs,
+    /// `--ui`, `--admin-token-file`: the dashboard (see `docs/dashboard.md`).
+    #[command(flatten)]
+    pub dashboard: crate::dashboard::DashboardArgs,
 }
 
 /// The mesh CA and the TLS listener of `serin control-plane`.
@@ -138,6 +146,8 @@ pub struct Bound {
     pub listen_tls: Option<SocketAddr>,
     /// The metrics listener.
     pub monitoring: SocketAddr,
+    /// The dashboard, unless `--ui off` (or its address could not be bound).
+    pub ui: Option<SocketAddr>,
 }
 
 /// A running control plane, as [`start`] returns it.
@@ -200,7 +210,10 @@ pub fn load_folder(dir: &Path) -> anyhow::Result<LoadedFolder> {
         let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
         sources.push((file.display().to_string(), text));
     }
-    let texts: Vec<(&str, &str)> = sources.iter().map(|(o, t)| (o.as_str(), t.as_str())).collect();
+    // Canary documents (flagger.app) are the control plane's own: the store checks
+    // them; the sidecar's config loader sees them as blank lines (line numbers kept).
+    let istio: Vec<String> = sources.iter().map(|(_, t)| without_canaries(t)).collect();
+    let texts: Vec<(&str, &str)> = sources.iter().zip(&istio).map(|((o, _), t)| (o.as_str(), t.as_str())).collect();
     let set = config::load_sources(&texts).map_err(|e| anyhow::anyhow!("{e}"))?;
     config::compile(&set, &EndpointRegistry::default(), "control-plane").map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut documents = Vec::new();
@@ -208,6 +221,31 @@ pub fn load_folder(dir: &Path) -> anyhow::Result<LoadedFolder> {
         documents.extend(parse_documents(text).map_err(|e| anyhow::anyhow!("{origin}: {e}"))?);
     }
     Ok(LoadedFolder { documents, warnings: set.warnings.clone(), summary: set.summary() })
+}
+
+/// `text` with the content of its `kind: Canary` documents replaced by blank lines.
+fn without_canaries(text: &str) -> String {
+    let docs = serin_control_api::yaml::split_documents(text);
+    let is_canary = |content: &str| {
+        serin_control_api::yaml::parse_document(content)
+            .ok()
+            .flatten()
+            .is_some_and(|v| v.get("kind").and_then(serin_control_api::yaml::Yaml::as_str) == Some("Canary"))
+    };
+    if !docs.iter().any(|d| is_canary(d.content())) {
+        return text.to_string();
+    }
+    let mut out = String::with_capacity(text.len());
+    for doc in docs {
+        let content = doc.content();
+        if is_canary(content) {
+            out.push_str(&doc.text[..doc.text.len() - content.len()]);
+            out.push_str(&"\n".repeat(content.matches('\n').count()));
+        } else {
+            out.push_str(doc.text);
+        }
+    }
+    out
 }
 
 /// The control plane's Prometheus metrics, fed by the server's [`Observer`] hooks.
@@ -355,7 +393,24 @@ pub async fn start(args: &ControlPlaneArgs) -> anyhow::Result<Running> {
     let monitoring =
         TcpListener::bind(args.monitoring).await.with_context(|| format!("--monitoring {}", args.monitoring))?;
     let listen_tls = grpc_tls.as_ref().map(TcpListener::local_addr).transpose()?;
-    let bound = Bound { listen: grpc.local_addr()?, listen_tls, monitoring: monitoring.local_addr()? };
+    let admin_token = crate::dashboard::load_token(&args.dashboard)?;
+    let ui = match args.dashboard.ui.0 {
+        // A dashboard that cannot listen does not take the control plane down with it.
+        Some(addr) => match TcpListener::bind(addr).await {
+            Ok(listener) => Some(listener),
+            Err(e) => {
+                tracing::error!(%addr, error = %e, "cannot listen for the dashboard (--ui); running without it");
+                None
+            }
+        },
+        None => None,
+    };
+    let bound = Bound {
+        listen: grpc.local_addr()?,
+        listen_tls,
+        monitoring: monitoring.local_addr()?,
+        ui: ui.as_ref().map(TcpListener::local_addr).transpose()?,
+    };
     match &ca {
         Some(settings) => tracing::info!(
             listen_tls = ?bound.listen_tls,
@@ -372,7 +427,21 @@ pub async fn start(args: &ControlPlaneArgs) -> anyhow::Result<Running> {
     if let Some(settings) = ca {
         plane = plane.with_ca(settings);
     }
+    // Resumes the canary analyses persisted in the state folder (a state file that
+    // cannot be read stops the start, as the store's does).
+    plane.start_canaries().with_context(|| format!("state folder {}", args.state_dir.display()))?;
     let (stop, stop_rx) = watch::channel(false);
+    let load = Arc::clone(plane.load());
+    let ui_task = ui.map(|listener| {
+        let backend: Arc<dyn crate::dashboard::DashboardBackend> = Arc::new(plane.clone());
+        let writes = if admin_token.is_some() { "on (--admin-token-file)" } else { "off (no --admin-token-file)" };
+        let loopback = bound.ui.is_some_and(|a| a.ip().is_loopback());
+        let dashboard = Arc::new(crate::dashboard::Dashboard::new(backend, admin_token).loopback_hosts_only(loopback));
+        if let Some(addr) = bound.ui {
+            tracing::info!(ui = %addr, set_weight_and_rollback = writes, "dashboard on http://{addr}/");
+        }
+        tokio::spawn(crate::dashboard::serve(listener, dashboard, stop_rx.clone()))
+    });
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
@@ -388,10 +457,11 @@ pub async fn start(args: &ControlPlaneArgs) -> anyhow::Result<Running> {
             None => plain.await,
         }
     });
-    let tasks = vec![
-        tokio::spawn(serve_metrics(monitoring, metrics, stop_rx)),
+    let mut tasks = vec![
+        tokio::spawn(serve_metrics(monitoring, metrics, load, stop_rx)),
         tokio::spawn(watch_folder(args.config_dir.clone(), store.clone(), loaded_fingerprint)),
     ];
+    tasks.extend(ui_task);
     let versions: Vec<String> = store.versions().iter().map(|(t, v)| format!("{t}={v}")).collect();
     tracing::info!(
         listen = %bound.listen,
@@ -450,8 +520,65 @@ async fn watch_folder(dir: PathBuf, store: Arc<Store>, mut last: Vec<(PathBuf, u
     }
 }
 
+/// The sidecars' load figures over the last 60 s as gauges per service and version
+/// (computed now), and the reports received, in the text format.
+pub fn load_metrics(load: &LoadStats) -> String {
+    use std::fmt::Write as _;
+    fn label(value: &str) -> String {
+        value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    }
+    let figures = load.figures(&pb::GetLoadRequest::default());
+    let mut out = String::new();
+    type LoadGauge = (&'static str, &'static str, fn(&pb::VersionFigures) -> Option<f64>);
+    let gauges: [LoadGauge; 3] = [
+        ("serin_load_requests_per_second", "Requests per second over the last 60 s (sidecar load reports)", |v| {
+            Some(v.rps)
+        }),
+        ("serin_load_success_ratio", "Share of non-5xx answers over the last 60 s (sidecar load reports)", |v| {
+            v.success_percent.map(|p| p / 100.0)
+        }),
+        ("serin_load_p99_ms", "99th percentile request duration over the last 60 s, ms (sidecar load reports)", |v| {
+            v.p99_ms
+        }),
+    ];
+    for (name, help, value) in gauges {
+        let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} gauge");
+        for v in &figures.versions {
+            if let Some(x) = value(v) {
+                let _ =
+                    writeln!(out, "{name}{{service=\"{}\",version=\"{}\"}} {x}", label(&v.service), label(&v.version));
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP serin_load_reports Load reports received from sidecars.\n# TYPE serin_load_reports counter\n\
+         serin_load_reports_total {}",
+        load.reports_total()
+    );
+    out
+}
+
+/// `text` (the registry's, ending with `# EOF`) with [`load_metrics`] before its end.
+fn with_load(mut text: String, load: &LoadStats) -> String {
+    let eof = text.ends_with("# EOF\n");
+    if eof {
+        text.truncate(text.len() - "# EOF\n".len());
+    }
+    text.push_str(&load_metrics(load));
+    if eof {
+        text.push_str("# EOF\n");
+    }
+    text
+}
+
 /// Serves `/metrics` (HTTP/1.1) until `stop` flips.
-async fn serve_metrics(listener: TcpListener, metrics: Arc<Metrics>, mut stop: watch::Receiver<bool>) {
+async fn serve_metrics(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    load: Arc<LoadStats>,
+    mut stop: watch::Receiver<bool>,
+) {
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -465,14 +592,16 @@ async fn serve_metrics(listener: TcpListener, metrics: Arc<Metrics>, mut stop: w
             () = async { let _ = stop.wait_for(|s| *s).await; } => return,
         };
         let metrics = metrics.clone();
+        let load = load.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let metrics = metrics.clone();
+                let load = load.clone();
                 async move {
                     if req.uri().path() == "/metrics" {
                         hyper::Response::builder()
                             .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
-                            .body(Full::new(Bytes::from(metrics.encode())))
+                            .body(Full::new(Bytes::from(with_load(metrics.encode(), &load))))
                     } else {
                         hyper::Response::builder().status(404).body(Full::new(Bytes::from_static(b"not found\n")))
                     }
@@ -480,5 +609,88 @@ async fn serve_metrics(listener: TcpListener, metrics: Arc<Metrics>, mut stop: w
             });
             let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod canary_folder_tests {
+    use super::*;
+
+    const MESH: &str = "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: payment}
+spec:
+  hosts: [payment]
+  http:
+  - route:
+    - {destination: {host: payment, subset: v1}, weight: 100}
+    - {destination: {host: payment, subset: v2}, weight: 0}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: payment}
+spec:
+  host: payment
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: payment}
+spec:
+  hosts: [payment.default.svc.cluster.local]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{number: 8080, name: http, protocol: HTTP}]
+  endpoints: [{address: 127.0.0.1, labels: {version: v1}}]
+";
+
+    const CANARY: &str = "---
+apiVersion: flagger.app/v1beta1
+kind: Canary
+metadata: {name: payment}
+spec:
+  targetRef: {apiVersion: apps/v1, kind: Deployment, name: payment}
+  analysis:
+    interval: 30s
+    threshold: 3
+    maxWeight: 50
+    stepWeight: 10
+    metrics:
+    - {name: request-success-rate, thresholdRange: {min: 99}}
+";
+
+    fn folder(files: &[(&str, &str)]) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("serin-cp-canary-{}-{}", std::process::id(), rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        for (name, text) in files {
+            std::fs::write(dir.join(name), text).expect("write");
+        }
+        dir
+    }
+
+    #[test]
+    fn a_canary_document_loads_with_the_mesh_and_reaches_the_store() {
+        let text = format!("{MESH}{CANARY}");
+        assert_eq!(without_canaries(&text).lines().count(), text.lines().count(), "line numbers kept");
+        let dir = folder(&[("mesh.yaml", &text)]);
+        let loaded = load_folder(&dir).expect("loads");
+        let store = Store::from_documents(loaded.documents).expect("store");
+        let canaries = store.canaries();
+        assert_eq!(canaries.len(), 1);
+        assert_eq!((canaries[0].canary.as_str(), canaries[0].stable.as_str()), ("v2", "v1"));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn an_invalid_canary_document_is_refused_with_its_field() {
+        let text = format!("{MESH}{}", CANARY.replace("threshold: 3", "threshold: 0"));
+        let dir = folder(&[("mesh.yaml", &text)]);
+        let loaded = load_folder(&dir).expect("the Istio part loads");
+        let e = Store::from_documents(loaded.documents).expect_err("refused");
+        assert!(e.to_string().contains("spec.analysis.threshold"), "{e}");
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -64,6 +64,13 @@ pub enum CtlCommand {
     },
     /// Every connected sidecar and what it runs, per resource type.
     Status,
+    /// Automated canary analyses: `start`, `status`, `abort`, `list`.
+    Canary {
+        #[command(subcommand)]
+        command: crate::ctl_canary::CanaryCommand,
+    },
+    /// Per-version request rate, share, success and latency from the sidecars' load reports.
+    Load(crate::ctl_load::LoadArgs),
     /// Print the config served for a service as YAML.
     Get {
         /// `routes`, `clusters`, `endpoints` or `policies`.
@@ -76,6 +83,12 @@ pub enum CtlCommand {
 
 /// Runs `serin ctl`; an error ends the command with exit status 1.
 pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
+    if let CtlCommand::Load(load) = &args.command {
+        return crate::ctl_load::run(&args.control_plane, load).await;
+    }
+    if let CtlCommand::Canary { command } = args.command {
+        return crate::ctl_canary::run(&args.control_plane, command).await;
+    }
     if let CtlCommand::SetWeight { weights, .. } = &args.command {
         // Refuse malformed arguments before connecting.
         api(parse_weights(weights))?;
@@ -100,6 +113,8 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
             print!("{}", status_table(&status, now_unix_ms()));
             Ok(())
         }
+        CtlCommand::Canary { command } => crate::ctl_canary::run(&args.control_plane, command).await,
+        CtlCommand::Load(load) => crate::ctl_load::run(&args.control_plane, &load).await,
         CtlCommand::Get { kind, service } => {
             let ty = ResourceType::parse(&kind).with_context(|| format!("unknown type {kind:?}"))?;
             let config = api(client.config(&service, Some(ty)).await)?;

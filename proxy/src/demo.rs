@@ -5,10 +5,12 @@
 //! loopback ports, its state inside the demo folder) serving an Istio config written
 //! from the embedded template, a frontend sidecar that takes its config from the
 //! control plane over gRPC (as `serin sidecar --control-plane`), and a steady load.
-//! It prints a live table per version once a second and, every `--step-every`, shifts
-//! the weights through the management API (95/5, 75/25, then rollback), printing each
-//! push's ACKs and push-to-ACK time, until Ctrl-C or `--duration`. At the end it sums
-//! up which version answered while each split was in force.
+//! It starts a canary analysis in the control plane (v2's weight 5 → 10 → 25 → 50%,
+//! judged each `--interval` on the figures the frontend sidecar reports), prints each
+//! decision and a live table per version once a second, until Ctrl-C or `--duration`:
+//! by default v2 answers 8% errors and the analysis rolls it back; with
+//! `--healthy-canary` it promotes v2 to 100%. At the end it sums up which version
+//! answered while each split was in force.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -21,7 +23,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use hdrhistogram::Histogram;
 use serin_certs::{Ca, SpiffeId, write_workload};
-use serin_control_api::client::{ClientError, ManagementClient};
 use serin_control_api::pb;
 
 use crate::control_plane::{self, ControlPlaneArgs};
@@ -43,10 +44,8 @@ const SERVICE: &str = "payment";
 const VERSIONS: [&str; 2] = ["v1", "v2"];
 /// The frontend sidecar's node id at the control plane.
 const FRONTEND_NODE: &str = "frontend";
-/// Time between weight steps when neither `--step-every` nor a short `--duration` says otherwise.
-const DEFAULT_STEP_EVERY: Duration = Duration::from_secs(8);
-/// How long one step waits for the sidecars' ACKs.
-const ACK_WAIT: Duration = Duration::from_secs(5);
+/// How often the demo looks at the frontend sidecar's split and at the analysis.
+const WATCH_EVERY: Duration = Duration::from_millis(10);
 /// How long the frontend sidecar may take to get its first config.
 const FIRST_CONFIG_WAIT: Duration = Duration::from_secs(10);
 
@@ -56,16 +55,20 @@ pub struct DemoArgs {
     /// Stop after this long, e.g. `30s` or `30` (default: run until Ctrl-C).
     #[arg(long, value_parser = parse_duration)]
     pub duration: Option<Duration>,
-    /// Time between the weight steps pushed through the control plane (v1=95 v2=5,
-    /// v1=75 v2=25, rollback), e.g. `10s` (default: 8s, or a quarter of --duration
-    /// if shorter, so that every step shows).
-    #[arg(long, value_name = "DURATION", value_parser = parse_step_every)]
-    pub step_every: Option<Duration>,
+    /// Let v2 answer without errors, so that the analysis promotes it to 100%
+    /// (default: v2 answers `--v2-error-rate` errors and the analysis rolls it back).
+    #[arg(long)]
+    pub healthy_canary: bool,
+    /// The canary analysis interval: each interval the control plane judges v2's
+    /// figures, then steps its weight 5 → 10 → 25 → 50% (Flagger's `analysis.interval`).
+    #[arg(long, default_value = "3s", value_parser = parse_interval)]
+    pub interval: Duration,
     /// Requests per second of the built-in load.
     #[arg(long, default_value_t = 300)]
     pub rate: u32,
-    /// Share of v2's answers that are 503 errors (v1 answers without errors).
-    #[arg(long, default_value_t = 0.05)]
+    /// Share of v2's answers that are 503 errors (v1 answers without errors); 0 with
+    /// `--healthy-canary`.
+    #[arg(long, default_value_t = 0.08)]
     pub v2_error_rate: f64,
     /// Latency added by v2 (v1 adds 2ms).
     #[arg(long, default_value = "10ms", value_parser = humantime::parse_duration)]
@@ -77,14 +80,9 @@ pub struct DemoArgs {
 }
 
 impl DemoArgs {
-    /// The time between weight steps: `--step-every`, else 8 s, or a quarter of
-    /// `--duration` when that is shorter (three steps, then time to see the last).
-    pub fn step_every(&self) -> Duration {
-        match (self.step_every, self.duration) {
-            (Some(every), _) => every,
-            (None, Some(duration)) => DEFAULT_STEP_EVERY.min(duration / 4).max(Duration::from_millis(100)),
-            (None, None) => DEFAULT_STEP_EVERY,
-        }
+    /// v2's error rate: none for a healthy canary.
+    fn v2_errors(&self) -> f64 {
+        if self.healthy_canary { 0.0 } else { self.v2_error_rate }
     }
 }
 
@@ -96,42 +94,34 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     }
 }
 
-/// Like [`parse_duration`], above zero.
-fn parse_step_every(text: &str) -> Result<Duration, String> {
+/// Like [`parse_duration`], at least 100 ms (the sidecars report load every second,
+/// so a shorter interval would mostly wait for figures).
+fn parse_interval(text: &str) -> Result<Duration, String> {
     let every = parse_duration(text)?;
-    if every.is_zero() {
-        return Err("the time between steps must be above 0".to_string());
+    if every < Duration::from_millis(100) {
+        return Err("the analysis interval must be at least 100ms".to_string());
     }
     Ok(every)
 }
 
-/// One weight change the demo pushes through the management API.
-#[derive(Debug, Clone, Copy)]
-enum Step {
-    /// `set-weight payment v1=.. v2=..`.
-    Weights(u32, u32),
-    /// `rollback payment`: all to the stable subset.
-    Rollback,
-}
-
-/// The demo's steps, in order.
-const STEPS: [Step; 3] = [Step::Weights(95, 5), Step::Weights(75, 25), Step::Rollback];
-
-impl Step {
-    /// What `serin ctl` would be asked: `set-weight payment v1=95 v2=5`.
-    fn command(self) -> String {
-        match self {
-            Step::Weights(v1, v2) => format!("set-weight {SERVICE} v1={v1} v2={v2}"),
-            Step::Rollback => format!("rollback {SERVICE}"),
-        }
-    }
-
-    /// The step's name in the summary.
-    fn origin(self, index: usize) -> String {
-        match self {
-            Step::Weights(..) => format!("step {}", index + 1),
-            Step::Rollback => "rollback".to_string(),
-        }
+/// The analysis the demo starts: Flagger's checks on a demo's time scale. The weights
+/// step 5 → 10 → 25 → 50%; an interval fails when v2's success rate is under 99% or
+/// its p99 over 500 ms; two failed intervals roll v2 back, passing at 50% promotes it.
+fn canary_spec(args: &DemoArgs) -> pb::CanarySpec {
+    pb::CanarySpec {
+        service: SERVICE.to_string(),
+        canary: "v2".to_string(),
+        stable: "v1".to_string(),
+        step_weights: vec![5, 10, 25, 50],
+        max_weight: 50,
+        interval_ms: u32::try_from(args.interval.as_millis()).unwrap_or(u32::MAX),
+        threshold: 2,
+        min_success_percent: Some(99.0),
+        max_p99_ms: Some(500.0),
+        min_requests: 20,
+        promote_weight: 100,
+        source: "serin demo".to_string(),
+        ..pb::CanarySpec::default()
     }
 }
 
@@ -525,89 +515,82 @@ async fn wait_first_config(shared: &Shared) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `ACKed by 1/1 sidecar(s) (frontend), push-to-ACK 2 ms`, or what went wrong.
-fn describe_acks(ack: Option<&pb::AckResult>) -> String {
-    let Some(ack) = ack else {
-        return "the control plane did not report the ACKs".to_string();
-    };
-    let nodes = |state: &str| -> Vec<&str> {
-        ack.nodes.iter().filter(|n| n.state == state).map(|n| n.node_id.as_str()).collect()
-    };
-    if ack.nacked > 0 {
-        let errors: Vec<String> =
-            ack.nodes.iter().filter(|n| n.state == "NACKED").map(|n| format!("{}: {}", n.node_id, n.error)).collect();
-        return format!("NACKED by {}/{} sidecar(s): {}", ack.nacked, ack.total, errors.join("; "));
-    }
-    if ack.timed_out {
-        return format!(
-            "only {}/{} sidecar(s) ACKed within {ACK_WAIT:?}; waiting on {}",
-            ack.acked,
-            ack.total,
-            nodes("PENDING").join(", ")
-        );
-    }
-    if ack.total == 0 {
-        return "no sidecar subscribed to ACK it".to_string();
-    }
-    let slowest = if ack.slowest_ms == 0 { "<1 ms".to_string() } else { format!("{} ms", ack.slowest_ms) };
-    format!("ACKed by {}/{} sidecar(s) ({}) · push-to-ACK {slowest}", ack.acked, ack.total, nodes("ACKED").join(", "))
-}
-
-/// Pushes the demo's steps through the management API at `control_plane`, one every
-/// `every` from `started`, each waiting for the ACKs; prints a line per push and
-/// keeps `table`'s phases in step.
-async fn run_steps(control_plane: String, started: Instant, every: Duration, table: Arc<Mutex<Table>>) {
-    let mut client = match ManagementClient::connect(&control_plane).await {
-        Ok(client) => client,
-        Err(e) => {
-            println!(">> weight steps skipped: {e}");
-            return;
+/// Follows the frontend sidecar's split: each change of the weights it routes by ends
+/// the table's phase and begins the next (`step N`, `rollback` or `promote`), so the
+/// summary counts the answers per split exactly. Runs until aborted.
+async fn track_split(shared: Arc<Shared>, table: Arc<Mutex<Table>>) {
+    let mut last = split_weights(&shared.snapshot.load());
+    let mut last_look = Instant::now();
+    let mut steps = 0;
+    loop {
+        tokio::time::sleep(WATCH_EVERY).await;
+        let weights = split_weights(&shared.snapshot.load());
+        let now = Instant::now();
+        if weights != last {
+            let v2 = |w: &BTreeMap<String, u32>| w.get("v2").copied().unwrap_or(0);
+            let origin = if v2(&weights) == 0 && v2(&last) > 0 {
+                "rollback".to_string()
+            } else if weights.values().filter(|w| **w > 0).count() == 1 && v2(&weights) > 0 {
+                "promote".to_string()
+            } else {
+                steps += 1;
+                format!("step {steps}")
+            };
+            // The change landed between the last look and now: requests sent in that
+            // gap may have been routed by either split, so neither phase counts them.
+            let mut table = lock(&table);
+            table.end_phase(last_look);
+            table.begin_phase(describe_weights(&weights), origin, now);
+            last = weights;
         }
-    };
-    for (index, step) in STEPS.into_iter().enumerate() {
-        let at = started + every * (index as u32 + 1);
-        tokio::time::sleep_until(at.into()).await;
-        let sent = Instant::now();
-        lock(&table).end_phase(sent);
-        let result: Result<pb::ChangeResult, ClientError> = match step {
-            Step::Weights(v1, v2) => {
-                let weights = BTreeMap::from([("v1".to_string(), v1), ("v2".to_string(), v2)]);
-                client.set_weights(SERVICE, &weights, Some(ACK_WAIT)).await
-            }
-            Step::Rollback => client.rollback(SERVICE, Some(ACK_WAIT)).await,
-        };
-        let returned = Instant::now();
-        let head = format!(
-            ">> [{:>5.1}s] step {}/{}: {}",
-            sent.duration_since(started).as_secs_f64(),
-            index + 1,
-            STEPS.len(),
-            step.command()
-        );
-        match result {
-            Ok(change) => {
-                let weights = describe_weights(&change.weights);
-                lock(&table).begin_phase(weights.clone(), step.origin(index), returned);
-                let what = match step {
-                    Step::Rollback => format!(" ({weights})"),
-                    Step::Weights(..) => String::new(),
-                };
-                let unchanged = if change.changed { "" } else { " (unchanged)" };
-                println!(
-                    "{head}{what} → routes version {}{unchanged}: {} · the call returned in {} ms",
-                    change.version,
-                    describe_acks(change.ack.as_ref()),
-                    returned.duration_since(sent).as_millis()
-                );
-            }
-            Err(e) => {
-                lock(&table).begin_phase("?".into(), format!("{} (failed)", step.origin(index)), returned);
-                println!("{head} failed: {e}");
-            }
-        }
+        last_look = now;
     }
 }
 
+/// After `baseline` of v1-only traffic, starts the canary analysis at the control
+/// plane and prints each of its decisions as it is made; returns the analysis as it
+/// ended (or the error that stopped it).
+async fn watch_canary(
+    control_plane: String,
+    spec: pb::CanarySpec,
+    started: Instant,
+    baseline: Duration,
+) -> anyhow::Result<pb::CanaryStatus> {
+    let at = || format!("[{:>5.1}s]", started.elapsed().as_secs_f64());
+    tokio::time::sleep_until((started + baseline).into()).await;
+    let channel = serin_control_api::client::endpoint(&control_plane)?
+        .connect()
+        .await
+        .with_context(|| format!("connecting to the control plane at {control_plane}"))?;
+    let mut client = pb::canaries_client::CanariesClient::new(channel);
+    let request = pb::StartCanaryRequest { spec: Some(spec) };
+    let status = client.start(request).await.context("starting the canary analysis")?.into_inner();
+    let mut printed = 0;
+    let mut status = status;
+    loop {
+        for event in status.events.iter().skip(printed) {
+            println!(">> {} canary {}: {}", at(), event.kind, event.message);
+        }
+        printed = printed.max(status.events.len());
+        let phase = pb::CanaryPhase::try_from(status.phase).unwrap_or(pb::CanaryPhase::Unspecified);
+        if matches!(phase, pb::CanaryPhase::Succeeded | pb::CanaryPhase::Failed | pb::CanaryPhase::Aborted) {
+            return Ok(status);
+        }
+        tokio::time::sleep(WATCH_EVERY * 20).await;
+        let request = pb::GetCanaryRequest { service: SERVICE.to_string() };
+        status = client.get(request).await.context("asking for the canary's status")?.into_inner();
+    }
+}
+
+/// `FAILED: rolled back (…)`, `SUCCEEDED: promoted …` for the end of the analysis.
+fn describe_end(status: &pb::CanaryStatus) -> String {
+    let phase = pb::CanaryPhase::try_from(status.phase).map_or("?", |p| p.as_str_name());
+    let reason = if status.reason.is_empty() { String::new() } else { format!(": {}", status.reason) };
+    format!(
+        "{phase}{reason} · v2 now at {}%, after {} step(s) and {} failed check(s)",
+        status.weight, status.step, status.failed_checks
+    )
+}
 /// Runs the demo until Ctrl-C or `--duration`.
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let dir = match &args.dir {
@@ -636,7 +619,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         for i in 0..count {
             let mut cfg = AppConfig::new(SERVICE, version);
             if version == "v2" {
-                cfg.error_rate = args.v2_error_rate;
+                cfg.error_rate = args.v2_errors();
                 cfg.latency = args.v2_latency;
             } else {
                 cfg.latency = Duration::from_millis(2);
@@ -670,13 +653,18 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let (shared, bound, data) = sidecar::start(&frontend_args).await?;
     wait_first_config(&shared).await?;
 
-    let every = args.step_every();
-    let steps: Vec<String> = STEPS.iter().map(|s| s.command()).collect();
+    let spec = canary_spec(&args);
     println!(
         "serin demo: payment v1 ×3 (stable) and v2 ×1 (canary), a sidecar beside every pod, mutual TLS between them"
     );
     println!("  control plane     {cp_addr} (gRPC)   metrics http://{}/metrics", plane.bound.monitoring);
     println!("                    try: serin ctl --control-plane {cp_addr} status");
+    match plane.bound.ui {
+        Some(ui) => {
+            println!("  dashboard         http://{ui}/   (live figures per version, the sidecars, the canary's steps)")
+        }
+        None => println!("  dashboard         not running (see the log)"),
+    }
     println!("  frontend sidecar  http://{}/   (Host: payment)  → mutual TLS → payment sidecars", bound.outbound);
     println!(
         "                    config pushed by the control plane (node {FRONTEND_NODE}), now: {}",
@@ -686,10 +674,17 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!("  admin             http://{}/config_dump   /clusters", bound.admin);
     println!("  config            {}   (served by the control plane: edits are pushed)", config_path.display());
     println!(
-        "  weight steps      every {:.1}s through the management API: {}",
-        every.as_secs_f64(),
-        steps.join(", then ")
+        "  canary analysis   in the control plane: v2's weight {} every {:.1}s while its success rate is at least 99% and its p99 under 500 ms; {} failed intervals roll it back ({})",
+        spec.step_weights.iter().map(|w| format!("{w}%")).collect::<Vec<_>>().join(" → "),
+        args.interval.as_secs_f64(),
+        spec.threshold,
+        if args.healthy_canary {
+            "v2 healthy: expect a promotion".to_string()
+        } else {
+            format!("v2 answers {:.0}% errors: expect a rollback", args.v2_errors() * 100.0)
+        },
     );
+    println!("                    try: serin ctl --control-plane {cp_addr} canary status payment");
     println!("  try               curl -H 'Host: payment' -H 'x-canary: always' http://{}/", bound.outbound);
     let refused = plaintext_refused(pods[0].inbound).await;
     println!(
@@ -710,7 +705,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         let sink = sink.clone();
         move |o: &Outcome<'_>| lock(&sink).record(o)
     }));
-    let steps_task = tokio::spawn(run_steps(cp_addr, started, every, table.clone()));
+    let split_task = tokio::spawn(track_split(shared.clone(), table.clone()));
+    let mut canary = Some(tokio::spawn(watch_canary(cp_addr, spec, started, args.interval)));
 
     let interval = Duration::from_secs(1);
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
@@ -726,13 +722,28 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                     break;
                 }
             }
+            ended = async {
+                match canary.as_mut() {
+                    Some(watcher) => watcher.await,
+                    None => std::future::pending().await,
+                }
+            }, if canary.is_some() => {
+                canary = None;
+                match ended {
+                    Ok(Ok(status)) => println!(">> [{:>5.1}s] canary analysis ended: {}", started.elapsed().as_secs_f64(), describe_end(&status)),
+                    Ok(Err(e)) => println!(">> canary analysis not run: {e:#}"),
+                    Err(e) => println!(">> canary analysis watcher stopped: {e}"),
+                }
+            }
             () = sidecar::shutdown_signal() => break,
         }
     }
     stop_tx.send_replace(true);
     let _ = load_task.await;
-    steps_task.abort();
-    let _ = steps_task.await;
+    split_task.abort();
+    if let Some(canary) = canary {
+        canary.abort();
+    }
     print!("{}", lock(&table).summary());
     shared.drain.trigger();
     let _ = tokio::time::timeout(Duration::from_secs(3), data).await;
@@ -768,13 +779,21 @@ mod tests {
     }
 
     #[test]
-    fn steps_fit_in_a_short_duration() {
-        let every = |args: &[&str]| parse(args).expect("arguments parse").step_every();
-        assert_eq!(every(&[]), DEFAULT_STEP_EVERY);
-        assert_eq!(every(&["--duration", "20s"]), Duration::from_secs(5));
-        assert_eq!(every(&["--duration", "10m"]), DEFAULT_STEP_EVERY);
-        assert_eq!(every(&["--duration", "20s", "--step-every", "3s"]), Duration::from_secs(3));
-        assert!(parse(&["--step-every", "0"]).is_err());
+    fn a_healthy_canary_answers_without_errors() {
+        let args = parse(&[]).expect("defaults parse");
+        assert!((args.v2_errors() - 0.08).abs() < 1e-9);
+        assert_eq!(args.interval, Duration::from_secs(3));
+        let healthy = parse(&["--healthy-canary", "--interval", "1s"]).expect("flags parse");
+        assert_eq!(healthy.v2_errors(), 0.0);
+        assert_eq!(canary_spec(&healthy).interval_ms, 1000);
+        assert!(parse(&["--interval", "10ms"]).is_err());
+    }
+
+    #[test]
+    fn the_analysis_steps_up_to_its_max_weight() {
+        let spec = canary_spec(&parse(&[]).expect("defaults parse"));
+        assert_eq!(spec.step_weights.last(), Some(&spec.max_weight));
+        assert!(spec.threshold >= 1 && spec.min_requests > 0);
     }
 
     #[test]

@@ -411,6 +411,9 @@ struct RequestHandles {
     duration: Histogram,
     request_bytes: Histogram,
     response_bytes: Histogram,
+    /// The load-report cell of the label set's destination service and version
+    /// (outbound requests with a cluster, when load reporting is on).
+    load: Option<Arc<crate::load_report::LoadCell>>,
 }
 
 /// Resolved handles of the four TCP metrics for one label set.
@@ -605,6 +608,8 @@ pub struct Metrics {
     request_handles: RwLock<FastMap<RequestLabels, RequestHandles>>,
     tcp_handles: RwLock<FastMap<TcpLabels, TcpHandles>>,
     labels: LabelCache,
+    /// Per-version load for the control plane ([`crate::load_report`]).
+    load: crate::load_report::LoadCells,
 }
 
 impl Default for Metrics {
@@ -630,6 +635,7 @@ impl Metrics {
             request_handles: RwLock::new(FastMap::default()),
             tcp_handles: RwLock::new(FastMap::default()),
             labels: LabelCache::new(),
+            load: crate::load_report::LoadCells::new(),
             registry: Registry::default(),
         };
         // prometheus-client appends `_total` to counter names.
@@ -665,6 +671,11 @@ impl Metrics {
         metrics
     }
 
+    /// The per-version load counted for the control plane's load reports.
+    pub fn load(&self) -> &crate::load_report::LoadCells {
+        &self.load
+    }
+
     /// Records one finished HTTP request or gRPC call.
     pub fn record_request(&self, local: &LocalWorkload, info: &RequestInfo) {
         let (source, destination) = self.labels.peers(
@@ -689,6 +700,9 @@ impl Metrics {
             h.duration.observe(info.duration.as_secs_f64() * 1000.0);
             h.request_bytes.observe(info.bytes_received as f64);
             h.response_bytes.observe(info.bytes_sent as f64);
+            if let Some(cell) = &h.load {
+                self.load.record(cell, info);
+            }
         };
         {
             let cache = self.request_handles.read().unwrap_or_else(|e| e.into_inner());
@@ -701,6 +715,7 @@ impl Metrics {
             duration: self.duration.get_or_create_owned(&labels),
             request_bytes: self.request_bytes.get_or_create_owned(&labels),
             response_bytes: self.response_bytes.get_or_create_owned(&labels),
+            load: self.load.cell_for(info),
         };
         record(&handles);
         self.request_handles.write().unwrap_or_else(|e| e.into_inner()).insert(labels, handles);

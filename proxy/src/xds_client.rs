@@ -33,7 +33,7 @@ use crate::config;
 use crate::state::{LocalWorkload, Shared};
 
 /// The control-plane options of `serin sidecar`.
-#[derive(Debug, Clone, Default, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct ControlPlaneArgs {
     /// Take the routing config from this control plane (`host:15010` or
     /// `http://host:15010`, or TLS: `https://host:15012` with `--ca-root`) instead of
@@ -48,10 +48,32 @@ pub struct ControlPlaneArgs {
     /// Services to get config for (short names or FQDNs, comma-separated); none = all.
     #[arg(long = "subscribe", value_name = "SERVICE,...", value_delimiter = ',')]
     pub subscribe: Vec<String>,
+    /// How often the sidecar reports, on its stream, what it saw of each destination
+    /// service and version (requests by class, latency histogram); `0` = never.
+    #[arg(
+        long = "load-report-interval",
+        value_name = "DURATION",
+        default_value = "1s",
+        value_parser = humantime::parse_duration
+    )]
+    pub load_report_interval: std::time::Duration,
     /// `--ca-root`, `--bootstrap-token-file`, `--service-account`, `--trust-domain`,
     /// `--cert-ttl`: TLS to the control plane (`https://`) and an identity from its CA.
     #[command(flatten)]
     pub identity: crate::cert_client::IdentityArgs,
+}
+
+impl Default for ControlPlaneArgs {
+    /// The command line's defaults: no control plane, load reports every second.
+    fn default() -> ControlPlaneArgs {
+        ControlPlaneArgs {
+            address: None,
+            node_id: None,
+            subscribe: Vec::new(),
+            load_report_interval: crate::load_report::DEFAULT_INTERVAL,
+            identity: Default::default(),
+        }
+    }
 }
 
 /// Refuses option combinations that name two config sources, or control-plane options
@@ -143,7 +165,14 @@ pub fn start(args: &ControlPlaneArgs, shared: &Arc<Shared>) -> anyhow::Result<()
     let node = node(args, &shared.local);
     let info =
         Arc::new(Mutex::new(Info { node_id: node.id.clone(), subscribe: args.subscribe.clone(), ..Info::default() }));
-    let options = SubscribeOptions { resource_names: args.subscribe.clone(), ..SubscribeOptions::default() };
+    let load_reports = (!args.load_report_interval.is_zero()).then(|| {
+        shared.metrics.load().enable();
+        let weak = Arc::downgrade(shared);
+        let take: client::TakeLoadReport = Arc::new(move || weak.upgrade().and_then(|s| s.metrics.load().take()));
+        client::LoadReports { interval: args.load_report_interval, take }
+    });
+    let options =
+        SubscribeOptions { resource_names: args.subscribe.clone(), load_reports, ..SubscribeOptions::default() };
     let handler = handler(Arc::downgrade(shared), source_label(address), Arc::clone(&info));
     tracing::info!(control_plane = %address, node = %node.id, services = ?args.subscribe, "subscribing to the control plane");
     let subscription = client::subscribe_with_transport(transport, node, options, handler);
@@ -327,6 +356,10 @@ mod tests {
         assert_eq!(node_id(&args), "pod-1");
         assert_eq!(args.subscribe, ["payment", "reviews"]);
         assert!(parse(&[]).address.is_none());
+        assert_eq!(parse(&[]).load_report_interval, crate::load_report::DEFAULT_INTERVAL);
+        assert_eq!(ControlPlaneArgs::default().load_report_interval, crate::load_report::DEFAULT_INTERVAL);
+        assert!(parse(&["--load-report-interval", "0"]).load_report_interval.is_zero());
+        assert_eq!(parse(&["--load-report-interval", "250ms"]).load_report_interval.as_millis(), 250);
     }
 
     #[test]

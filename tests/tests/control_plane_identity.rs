@@ -81,6 +81,7 @@ impl Plane {
             monitoring: any,
             drain_timeout: Duration::from_secs(2),
             security,
+            dashboard: serin::dashboard::DashboardArgs::off(),
         };
         let running = control_plane::start(&args).await.expect("control plane starts");
         Plane { running: Some(running), dir }

@@ -9,9 +9,14 @@
 //!   never sent on the stream is an error.
 //! - Never two responses of a type in flight: a change that comes while the last
 //!   response is unanswered is sent when the answer arrives (only the latest version).
+//! - A request carrying a `load_report` is a load report, handed to the control plane's
+//!   [`LoadStats`](super::LoadStats); its other fields are ignored (it is not a
+//!   subscription, an ACK or a NACK). It needs the node like any request: a stream
+//!   whose first request names none ends with INVALID_ARGUMENT.
 //! - A bad request (no node on the first request, an unknown type URL, an unknown
-//!   nonce, an oversized message) ends that stream with a gRPC error status; other
-//!   streams carry on.
+//!   nonce, an oversized message, a load report over
+//!   [`MAX_REPORT_ENTRIES`](super::MAX_REPORT_ENTRIES) entries) ends that stream with a
+//!   gRPC error status; other streams carry on.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -112,7 +117,7 @@ impl Session {
     }
 
     /// Handles one request.
-    async fn handle(&mut self, request: pb::DiscoveryRequest) -> Result<(), End> {
+    async fn handle(&mut self, mut request: pb::DiscoveryRequest) -> Result<(), End> {
         if self.node.is_none() {
             let node = request.node.clone().unwrap_or_default();
             if node.id.trim().is_empty() {
@@ -122,6 +127,11 @@ impl Session {
             }
             self.shared.registry.open(self.id, node.clone());
             self.node = Some(node);
+        }
+        if let Some(report) = request.load_report.take() {
+            super::check_report(&report).map_err(|e| End::Error(Status::invalid_argument(e)))?;
+            self.shared.load.record(self.node_id(), &report);
+            return Ok(());
         }
         let Some(ty) = ResourceType::from_type_url(&request.type_url) else {
             let known: Vec<&str> = ResourceType::ALL.iter().map(|t| t.type_url()).collect();

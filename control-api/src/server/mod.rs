@@ -19,8 +19,10 @@
 
 mod auth;
 mod ca;
+pub mod canary;
 mod discovery;
 mod hosts;
+mod load;
 mod management;
 mod persist;
 mod status;
@@ -42,6 +44,14 @@ pub use auth::{
 };
 pub use ca::{
     CONTROL_PLANE_NAMESPACE, CONTROL_PLANE_SERVICE_ACCOUNT, CaService, CaSettings, CaSetupError, DEFAULT_MAX_CERT_TTL,
+};
+pub use canary::{
+    CANARY_STATE_FILE, CanaryError, CanaryManager, CanaryOptions, CanaryService, FieldError, Figures, FiguresSource,
+    NoFigures,
+};
+pub use load::{
+    BUCKET_BOUNDS_MS, BUCKETS, DEFAULT_WINDOW, HISTORY, LoadService, LoadStats, MAX_NAME_LEN, MAX_REPORT_ENTRIES,
+    MAX_SERIES, check_report, quantile,
 };
 pub use management::{DEFAULT_WAIT, MAX_WAIT, ManagementService};
 pub use persist::STATE_FILE;
@@ -181,6 +191,8 @@ impl std::fmt::Debug for ServerOptions {
 pub(crate) struct Shared {
     pub store: Arc<Store>,
     pub registry: status::Registry,
+    /// The load reports of the sidecars, aggregated.
+    pub load: Arc<LoadStats>,
     pub id: String,
     /// Set when the server shuts down: every stream ends.
     pub closing: watch::Sender<bool>,
@@ -239,6 +251,7 @@ pub struct ControlPlane {
     shared: Arc<Shared>,
     options: ServerOptions,
     ca: Option<Arc<CaSettings>>,
+    canaries: Arc<CanaryManager>,
 }
 
 impl ControlPlane {
@@ -247,10 +260,40 @@ impl ControlPlane {
         let shared = Arc::new(Shared {
             store,
             registry: status::Registry::new(Arc::clone(&options.observer)),
+            load: Arc::new(LoadStats::new()),
             id: options.id.clone(),
             closing: watch::Sender::new(false),
         });
-        ControlPlane { shared, options, ca: None }
+        let figures: Arc<dyn FiguresSource> = Arc::clone(&shared.load) as Arc<dyn FiguresSource>;
+        let canary_options = CanaryOptions { figures, ..CanaryOptions::default() };
+        let canaries = Arc::new(CanaryManager::new(Arc::clone(&shared), canary_options));
+        ControlPlane { shared, options, ca: None, canaries }
+    }
+
+    /// The canary analyses: start, list, show, abort.
+    pub fn canaries(&self) -> &Arc<CanaryManager> {
+        &self.canaries
+    }
+
+    /// The same control plane with these canary settings (figures source, ACK timeout).
+    pub fn with_canary_options(self, options: CanaryOptions) -> ControlPlane {
+        self.canaries.set_options(options);
+        self
+    }
+
+    /// Loads the persisted canary analyses, resumes the running ones and starts
+    /// following the config folder's `Canary` documents. Idempotent; `serve` calls it
+    /// (logging an error), callers that want a bad state file to stop them call it first.
+    /// Needs a tokio runtime.
+    pub fn start_canaries(&self) -> Result<(), CanaryError> {
+        self.canaries.start_all()
+    }
+
+    /// The canary service, for a caller that builds its own tonic server.
+    pub fn canaries_service(&self) -> pb::canaries_server::CanariesServer<CanaryService> {
+        pb::canaries_server::CanariesServer::new(CanaryService { manager: Arc::clone(&self.canaries) })
+            .max_decoding_message_size(self.options.max_message_size)
+            .max_encoding_message_size(self.options.max_message_size)
     }
 
     /// The same control plane with a CA: `CreateCertificate` signs CSRs, and
@@ -292,6 +335,18 @@ impl ControlPlane {
             .max_encoding_message_size(self.options.max_message_size)
     }
 
+    /// The load service (`GetLoad`), for a caller that builds its own tonic server.
+    pub fn load_service(&self) -> pb::load_server::LoadServer<LoadService> {
+        pb::load_server::LoadServer::new(LoadService { stats: Arc::clone(&self.shared.load) })
+            .max_decoding_message_size(self.options.max_message_size)
+            .max_encoding_message_size(self.options.max_message_size)
+    }
+
+    /// The per-version load figures the sidecars report (what `GetLoad` answers).
+    pub fn load(&self) -> &Arc<LoadStats> {
+        &self.shared.load
+    }
+
     /// Every connected sidecar and what it runs (what `GetStatus` answers).
     pub fn status(&self) -> pb::Status {
         self.shared.status()
@@ -324,6 +379,9 @@ impl ControlPlane {
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), tonic::transport::Error> {
+        if let Err(e) = self.start_canaries() {
+            tracing::error!(error = %e, "canary analyses not resumed");
+        }
         let closing = self.clone();
         tonic::transport::Server::builder()
             .tcp_nodelay(true)
@@ -331,11 +389,16 @@ impl ControlPlane {
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(self.discovery_service())
             .add_service(self.management_service())
+            .add_service(self.load_service())
             .add_service(self.certificates_service())
+            .add_service(self.canaries_service())
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
                 shutdown.await;
                 closing.close_streams();
             })
-            .await
+            .await?;
+        // The analyses stop with the streams; none is left writing the state folder.
+        self.canaries.join().await;
+        Ok(())
     }
 }

@@ -72,22 +72,30 @@ pub(crate) fn load(dir: &Path) -> Result<State, StoreError> {
 /// the state file, then the folder fsynced so the rename itself is durable.
 pub(crate) fn save(dir: &Path, state: &State) -> Result<(), StoreError> {
     let path = state_path(dir);
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| StoreError::Io { path, source }
-    };
-    fs::create_dir_all(dir).map_err(io(dir))?;
     let mut body = serde_json::to_vec_pretty(state)
         .map_err(|e| StoreError::BadState { path: path.clone(), message: e.to_string() })?;
     body.push(b'\n');
-    let temp = dir.join(format!(".{STATE_FILE}.tmp"));
+    write_atomic(dir, STATE_FILE, &body).map_err(|(path, source)| StoreError::Io { path, source })
+}
+
+/// Writes `body` to `dir/name` atomically: a temp file written and fsynced, renamed
+/// over the file, then the folder fsynced so the rename itself is durable. On error,
+/// the path that failed and why.
+pub(crate) fn write_atomic(dir: &Path, name: &str, body: &[u8]) -> Result<(), (PathBuf, std::io::Error)> {
+    let at = |path: &Path| {
+        let path = path.to_path_buf();
+        move |e| (path, e)
+    };
+    fs::create_dir_all(dir).map_err(at(dir))?;
+    let path = dir.join(name);
+    let temp = dir.join(format!(".{name}.tmp"));
     {
-        let mut file = File::create(&temp).map_err(io(&temp))?;
-        file.write_all(&body).map_err(io(&temp))?;
-        file.sync_all().map_err(io(&temp))?;
+        let mut file = File::create(&temp).map_err(at(&temp))?;
+        file.write_all(body).map_err(at(&temp))?;
+        file.sync_all().map_err(at(&temp))?;
     }
-    fs::rename(&temp, &path).map_err(io(&path))?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
+    fs::rename(&temp, &path).map_err(at(&path))?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(at(dir))?;
     Ok(())
 }
 

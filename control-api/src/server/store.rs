@@ -10,9 +10,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 
 use super::StoreError;
+use super::canary::{self, FieldError};
 use super::hosts::same_service;
 use super::persist::{self, Override, State, VersionEntry};
 use super::weights;
+use crate::pb;
 use crate::types::ResourceType;
 use crate::yaml::{self, Mapping, Yaml};
 
@@ -113,6 +115,8 @@ pub struct Store {
     inner: Mutex<Inner>,
     state_dir: Option<PathBuf>,
     changes: watch::Sender<u64>,
+    /// Bumped when the Canary documents change.
+    canary_changes: watch::Sender<u64>,
 }
 
 #[derive(Debug)]
@@ -122,6 +126,8 @@ struct Inner {
     state: State,
     snapshots: BTreeMap<ResourceType, Arc<TypeSnapshot>>,
     warnings: Vec<String>,
+    /// The `Canary` documents (flagger.app), checked and resolved against the mesh.
+    canaries: Vec<pb::CanarySpec>,
 }
 
 /// A document to load: `(kind, "namespace/name", yaml)`.
@@ -130,7 +136,8 @@ pub type SourceDocument = (String, String, String);
 impl Store {
     /// A store of `documents` without persistence (tests, `serin demo`). Each
     /// document is `(kind, "namespace/name", yaml)`; kinds the control plane does not
-    /// serve are skipped with a warning.
+    /// serve are skipped with a warning, except `Canary` (flagger.app/v1beta1), kept
+    /// for the canary analyses ([`Store::canaries`]); an invalid one fails the load.
     pub fn from_documents(documents: Vec<SourceDocument>) -> Result<Store, StoreError> {
         Store::build(None, documents)
     }
@@ -144,7 +151,7 @@ impl Store {
 
     fn build(state_dir: Option<PathBuf>, documents: Vec<SourceDocument>) -> Result<Store, StoreError> {
         let mut warnings = Vec::new();
-        let base = parse_sources(documents, &mut warnings)?;
+        let (base, canaries) = parse_sources(documents, &mut warnings)?;
         let state = match &state_dir {
             Some(dir) => persist::load(dir)?,
             None => State::new(),
@@ -161,8 +168,13 @@ impl Store {
         for warning in &warnings {
             tracing::warn!("{warning}");
         }
-        let inner = Inner { base, effective, state: new_state, snapshots, warnings };
-        Ok(Store { inner: Mutex::new(inner), state_dir, changes: watch::Sender::new(0) })
+        let inner = Inner { base, effective, state: new_state, snapshots, warnings, canaries };
+        Ok(Store {
+            inner: Mutex::new(inner),
+            state_dir,
+            changes: watch::Sender::new(0),
+            canary_changes: watch::Sender::new(0),
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -174,6 +186,23 @@ impl Store {
     /// The state folder, when the store persists.
     pub fn state_dir(&self) -> Option<&Path> {
         self.state_dir.as_deref()
+    }
+
+    /// The `Canary` documents of the config folder, checked against the mesh (known
+    /// service and subsets), subsets and defaults filled in.
+    pub fn canaries(&self) -> Vec<pb::CanarySpec> {
+        self.lock().canaries.clone()
+    }
+
+    /// A receiver that sees a new value after every change of the Canary documents.
+    pub fn subscribe_canaries(&self) -> watch::Receiver<u64> {
+        self.canary_changes.subscribe()
+    }
+
+    /// Checks a canary spec against the config in force (the service has subsets and a
+    /// route to split, the subsets exist) and fills in its subsets and defaults.
+    pub fn resolve_canary(&self, spec: pb::CanarySpec) -> Result<pb::CanarySpec, FieldError> {
+        canary::resolve_against(&self.lock().effective, spec)
     }
 
     /// The current snapshot of a type.
@@ -295,14 +324,20 @@ impl Store {
     /// Returns the types that changed.
     pub fn replace_documents(&self, documents: Vec<SourceDocument>) -> Result<Vec<ResourceType>, StoreError> {
         let mut warnings = Vec::new();
-        let base = parse_sources(documents, &mut warnings)?;
+        let (base, canaries) = parse_sources(documents, &mut warnings)?;
         let mut inner = self.lock();
         let overrides = inner.state.overrides.clone();
         let (effective, override_warnings) = apply_overrides(&base, &overrides);
         warnings.extend(override_warnings);
         let old_base = std::mem::replace(&mut inner.base, base);
         match self.commit(&mut inner, effective, overrides, Some(warnings)) {
-            Ok(versions) => Ok(versions.into_iter().filter(|(_, (_, changed))| *changed).map(|(t, _)| t).collect()),
+            Ok(versions) => {
+                if inner.canaries != canaries {
+                    inner.canaries = canaries;
+                    self.canary_changes.send_modify(|generation| *generation += 1);
+                }
+                Ok(versions.into_iter().filter(|(_, (_, changed))| *changed).map(|(t, _)| t).collect())
+            }
             Err(e) => {
                 inner.base = old_base;
                 Err(e)
@@ -358,10 +393,22 @@ fn unix_ms(time: SystemTime) -> i64 {
     time.duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-/// Parses the source documents; kinds not served are skipped with a warning.
-fn parse_sources(documents: Vec<SourceDocument>, warnings: &mut Vec<String>) -> Result<Vec<Document>, StoreError> {
+/// Parses the source documents; kinds not served are skipped with a warning, but
+/// `Canary` documents, which are read, checked against the others and returned apart.
+fn parse_sources(
+    documents: Vec<SourceDocument>,
+    warnings: &mut Vec<String>,
+) -> Result<(Vec<Document>, Vec<pb::CanarySpec>), StoreError> {
     let mut docs: Vec<Document> = Vec::with_capacity(documents.len());
+    let mut canary_docs: Vec<(String, String, Yaml)> = Vec::new();
     for (kind, name, yaml) in documents {
+        if kind == "Canary" {
+            let value =
+                read(&yaml).map_err(|message| StoreError::Document { name: format!("{kind}/{name}"), message })?;
+            let (namespace, short) = name.split_once('/').unwrap_or(("default", name.as_str()));
+            canary_docs.push((namespace.to_string(), short.to_string(), value));
+            continue;
+        }
         if ResourceType::for_kind(&kind).is_none() {
             warnings.push(format!("{SKIPPED_PREFIX}{kind} {name}: the control plane does not serve this kind"));
             continue;
@@ -377,7 +424,22 @@ fn parse_sources(documents: Vec<SourceDocument>, warnings: &mut Vec<String>) -> 
         }
         docs.push(Document { kind, name, namespace, value, yaml, edited: false });
     }
-    Ok(docs)
+    let mut canaries: Vec<pb::CanarySpec> = Vec::with_capacity(canary_docs.len());
+    for (namespace, short, value) in canary_docs {
+        let name = format!("Canary/{namespace}/{short}");
+        let invalid = |e: FieldError| StoreError::Document { name: name.clone(), message: e.to_string() };
+        let parsed = canary::spec::parse_document(&value, &namespace, &short).map_err(invalid)?;
+        let spec = canary::resolve_against(&docs, parsed.spec).map_err(invalid)?;
+        if let Some(other) = canaries.iter().find(|c| same_service(&c.service, &spec.service, "default")) {
+            return Err(StoreError::Document {
+                name,
+                message: format!("{} already has a Canary: {}", spec.service, other.source),
+            });
+        }
+        warnings.extend(parsed.warnings);
+        canaries.push(spec);
+    }
+    Ok((docs, canaries))
 }
 
 /// Applies the API's weights over the base documents, in the order they were set.

@@ -207,6 +207,9 @@ impl ControlPlane {
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), TlsServeError> {
         let settings = self.ca.clone().ok_or(TlsServeError::NoCa)?;
+        if let Err(e) = self.start_canaries() {
+            tracing::error!(error = %e, "canary analyses not resumed");
+        }
         let serving = issue_serving(&settings)?;
         tracing::info!(
             listen = ?listener.local_addr().ok(),
@@ -229,7 +232,9 @@ impl ControlPlane {
             .layer(tonic::service::InterceptorLayer::new(auth))
             .add_service(self.discovery_service())
             .add_service(self.management_service())
+            .add_service(self.load_service())
             .add_service(self.certificates_service())
+            .add_service(self.canaries_service())
             .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), async move {
                 shutdown.await;
                 closing.close_streams();
@@ -237,7 +242,10 @@ impl ControlPlane {
             .await;
         renew.abort();
         accept.abort();
-        Ok(result?)
+        result?;
+        // The analyses stop with the streams; none is left writing the state folder.
+        self.canaries.join().await;
+        Ok(())
     }
 }
 

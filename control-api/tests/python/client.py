@@ -18,7 +18,11 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROTO_DIR = os.path.normpath(os.path.join(HERE, "..", "..", "proto"))
-PROTOS = ["serin/control/v1/discovery.proto", "serin/control/v1/management.proto"]
+PROTOS = [
+    "serin/control/v1/discovery.proto",
+    "serin/control/v1/management.proto",
+    "serin/control/v1/load.proto",
+]
 
 
 def generate(out_dir):

@@ -172,6 +172,15 @@ fn load_document(origin: &str, doc: Document<'_>, set: &mut ConfigSet, errors: &
         "AuthorizationPolicy" => {
             typed(origin, doc, &display, errors).map(no_spec_is_empty).map(Resource::AuthorizationPolicy)
         }
+        "Canary" if api.split('/').next() == Some("flagger.app") => {
+            let r = typed::<serde_json::Value>(origin, doc, &display, errors).map(Resource::NotApplied);
+            if r.is_some() {
+                set.warnings.push(format!(
+                    "{origin}: {display}: kind Canary is run by the control plane's canary analysis, not by a proxy (serin control-plane checks its spec when it loads it)"
+                ));
+            }
+            r
+        }
         other => match NOT_APPLIED.iter().find(|(_, k)| *k == other) {
             Some((group, _)) if api.split('/').next() == Some(group) => {
                 let r = typed::<serde_json::Value>(origin, doc, &display, errors).map(Resource::NotApplied);
