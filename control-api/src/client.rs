@@ -13,6 +13,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::pb;
+use crate::server::MAX_REPORT_ENTRIES;
 use crate::transport::Transport;
 use crate::types::{MAX_MESSAGE_SIZE, ResourceType, YAML_CONTENT_TYPE};
 
@@ -222,9 +223,10 @@ pub struct SubscribeOptions {
 pub type TakeLoadReport = Arc<dyn Fn() -> Option<pb::LoadReport> + Send + Sync>;
 
 /// A subscription's load reporting: every `interval` it calls `take` and sends what it
-/// returns on the open discovery stream, as a request with only `load_report` set. A
-/// report taken while no stream is open (or while the stream's queue is full) is dropped,
-/// not queued: each report covers the interval it was taken in.
+/// returns on the open discovery stream, as requests with only `load_report` set (one
+/// per [`MAX_REPORT_ENTRIES`] entries: a bigger report is split). A report taken while
+/// no stream is open (or while the stream's queue is full) is dropped, not queued: each
+/// report covers the interval it was taken in.
 #[derive(Clone)]
 pub struct LoadReports {
     /// How often a report is taken (must not be zero).
@@ -399,8 +401,7 @@ async fn send_load_reports(reports: LoadReports, slot: ReportSlot, status: watch
         tick.tick().await;
         let Some(report) = (reports.take)() else { continue };
         let tx = lock_slot(&slot).clone();
-        let request = pb::DiscoveryRequest { load_report: Some(report), ..pb::DiscoveryRequest::default() };
-        let sent = tx.is_some_and(|tx| tx.try_send(request).is_ok());
+        let sent = tx.is_some_and(|tx| report_requests(report).all(|request| tx.try_send(request).is_ok()));
         status.send_modify(|s| {
             if sent {
                 s.load_reports_sent += 1;
@@ -409,6 +410,23 @@ async fn send_load_reports(reports: LoadReports, slot: ReportSlot, status: watch
             }
         });
     }
+}
+
+/// The requests carrying `report`: one per [`MAX_REPORT_ENTRIES`] entries (the most the
+/// control plane takes in one), each with the report's interval.
+fn report_requests(report: pb::LoadReport) -> impl Iterator<Item = pb::DiscoveryRequest> {
+    let interval_ms = report.interval_ms;
+    let mut loads = report.loads;
+    let mut chunks = Vec::with_capacity(loads.len().div_ceil(MAX_REPORT_ENTRIES).max(1));
+    while loads.len() > MAX_REPORT_ENTRIES {
+        let rest = loads.split_off(MAX_REPORT_ENTRIES);
+        chunks.push(std::mem::replace(&mut loads, rest));
+    }
+    chunks.push(loads);
+    chunks.into_iter().map(move |loads| pb::DiscoveryRequest {
+        load_report: Some(pb::LoadReport { interval_ms, loads }),
+        ..pb::DiscoveryRequest::default()
+    })
 }
 
 /// A response of a type waiting for the others to arrive (or for the handler).
@@ -649,12 +667,7 @@ fn wait_options(wait: Option<Duration>) -> Option<pb::WaitOptions> {
 impl ManagementClient {
     /// Connects to the control plane at `address` (`http://host:15010` or `host:port`).
     pub async fn connect(address: &str) -> Result<ManagementClient, ClientError> {
-        let endpoint = endpoint(address)?.connect_timeout(Duration::from_secs(5));
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| ClientError::Connect { endpoint: address.to_string(), message: chain(&e) })?;
-        Ok(ManagementClient::from_channel(channel))
+        Ok(ManagementClient::from_channel(connect_address(address).await?))
     }
 
     /// Connects over `transport` (plaintext or TLS).
@@ -744,12 +757,7 @@ pub struct CanaryClient {
 impl CanaryClient {
     /// Connects to the control plane at `address` (`http://host:15010` or `host:port`).
     pub async fn connect(address: &str) -> Result<CanaryClient, ClientError> {
-        let endpoint = endpoint(address)?.connect_timeout(Duration::from_secs(5));
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| ClientError::Connect { endpoint: address.to_string(), message: chain(&e) })?;
-        Ok(CanaryClient::from_channel(channel))
+        Ok(CanaryClient::from_channel(connect_address(address).await?))
     }
 
     /// Connects over `transport` (plaintext or TLS).
@@ -800,12 +808,7 @@ pub struct LoadClient {
 impl LoadClient {
     /// Connects to the control plane at `address` (`http://host:15010` or `host:port`).
     pub async fn connect(address: &str) -> Result<LoadClient, ClientError> {
-        let endpoint = endpoint(address)?.connect_timeout(Duration::from_secs(5));
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| ClientError::Connect { endpoint: address.to_string(), message: chain(&e) })?;
-        Ok(LoadClient::from_channel(channel))
+        Ok(LoadClient::from_channel(connect_address(address).await?))
     }
 
     /// Connects over `transport` (plaintext or TLS).
@@ -836,6 +839,13 @@ impl LoadClient {
 // ----------------------------------------------------------------------------------
 // Certificate client
 // ----------------------------------------------------------------------------------
+
+/// Opens a plaintext channel to `address` (`http://host:15010` or `host:port`) with a
+/// 5 s connect timeout; the error names the address.
+async fn connect_address(address: &str) -> Result<Channel, ClientError> {
+    let endpoint = endpoint(address)?.connect_timeout(Duration::from_secs(5));
+    endpoint.connect().await.map_err(|e| ClientError::Connect { endpoint: address.to_string(), message: chain(&e) })
+}
 
 /// Opens a channel with a 5 s connect timeout; the error names the address.
 async fn open(transport: &Transport) -> Result<Channel, ClientError> {
@@ -918,6 +928,31 @@ mod tests {
             assert!(d >= Duration::from_millis(400) && d <= Duration::from_millis(800), "{d:?}");
         }
         assert_eq!(jitter(Duration::ZERO), Duration::ZERO);
+    }
+
+    #[test]
+    fn big_load_reports_are_split_into_requests_the_control_plane_takes() {
+        let entry = |i: usize| pb::VersionLoad { service: format!("s{i}"), status_2xx: 1, ..Default::default() };
+        let report = |n: usize| pb::LoadReport { interval_ms: 1000, loads: (0..n).map(entry).collect() };
+        let sizes = |n: usize| -> Vec<usize> {
+            report_requests(report(n))
+                .map(|r| {
+                    let r = r.load_report.expect("report");
+                    assert_eq!(r.interval_ms, 1000);
+                    r.loads.len()
+                })
+                .collect()
+        };
+        assert_eq!(sizes(3), [3]);
+        assert_eq!(sizes(MAX_REPORT_ENTRIES), [MAX_REPORT_ENTRIES]);
+        assert_eq!(sizes(2_500), [1_000, 1_000, 500]);
+        assert_eq!(sizes(10_000), [1_000; 10]);
+        // In order, nothing lost.
+        let names: Vec<String> = report_requests(report(2_001))
+            .flat_map(|r| r.load_report.expect("report").loads)
+            .map(|l| l.service)
+            .collect();
+        assert_eq!(names, (0..2_001).map(|i| format!("s{i}")).collect::<Vec<_>>());
     }
 
     #[test]

@@ -5,7 +5,7 @@ mod common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use common::{RawStream, Server, eventually, node, type_status};
 use prost::Message as _;
@@ -76,8 +76,10 @@ async fn reports_from_two_streams_are_summed_and_are_not_acks() {
     assert!((share - 100.0).abs() < 1e-9, "{share}");
     assert_eq!(figures.versions[0].series.len(), 60);
     assert_eq!(figures.versions[0].series.iter().map(|p| p.requests).sum::<u64>(), 200);
-    // The control plane's own view agrees.
-    let stable = server.plane.load().version_window("payment", "v1", Duration::from_secs(60));
+    // The control plane's own view agrees. `version_window` judges complete seconds only
+    // (the current one is still filling), so it is asked as of a second later.
+    let later = SystemTime::now() + Duration::from_secs(1);
+    let stable = server.plane.load().version_window_at("payment", "v1", Duration::from_secs(60), later);
     assert_eq!(stable.requests, 200);
 
     // The ACK still works after the reports.
@@ -101,14 +103,6 @@ async fn bad_reports_and_bad_queries_are_refused() {
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert!(status.message().contains("node.id"), "{status:?}");
 
-    // Too many entries.
-    let mut big = RawStream::open(&server.url()).await;
-    big.subscribe(Some(node("big")), ResourceType::Routes).await;
-    big.send(report_request(vec![version_load("v1", 1, 0, &[]); 1001])).await;
-    let status = big.next().await.expect_err("error");
-    assert_eq!(status.code(), tonic::Code::InvalidArgument);
-    assert!(status.message().contains("1001 entries"), "{status:?}");
-
     let mut load = LoadClient::connect(&server.url()).await.expect("load client");
     let figures = load.load("nothing-here", None, false).await.expect("an unknown service is no error");
     assert!(figures.versions.is_empty());
@@ -117,6 +111,80 @@ async fn bad_reports_and_bad_queries_are_refused() {
     assert!(matches!(&error, ClientError::Rpc(s) if s.code() == tonic::Code::InvalidArgument), "{error:?}");
     assert!(error.to_string().contains("window_ms"), "{error}");
     assert_eq!(server.plane.load().reports_total(), 0, "refused reports are not recorded");
+    server.stop().await;
+}
+
+/// Telemetry never takes down config: a report over the entry cap, or with malformed
+/// entries, is cut to its valid part and counted, and the stream carries on.
+#[tokio::test]
+async fn oversized_or_malformed_reports_keep_the_stream() {
+    let server = Server::start(common::store()).await;
+    let mut big = RawStream::open(&server.url()).await;
+    let first = big.subscribe(Some(node("big")), ResourceType::Routes).await;
+    big.send(report_request(vec![version_load("v1", 1, 0, &[1]); 1001])).await;
+    let mut malformed = vec![version_load("v2", 3, 0, &[3])];
+    malformed.push(pb::VersionLoad { service: String::new(), ..version_load("v2", 9, 0, &[]) });
+    malformed.push(version_load("v2", 9, 0, &[1; 21]));
+    big.send(report_request(malformed)).await;
+    let mut load = LoadClient::connect(&server.url()).await.expect("load client");
+    // The first 1,000 entries and the valid one of the second report are recorded.
+    wait_for(&mut load, "v1", 1000).await;
+    wait_for(&mut load, "v2", 3).await;
+    let rejected = server.plane.load().rejected_reports();
+    assert_eq!(rejected, [("too_many_entries", 1), ("malformed", 1)]);
+    // The stream is still open: its ACK is taken, and a config change reaches it.
+    big.ack(&first).await;
+    eventually("the ACK", || async {
+        let status = server.plane.status();
+        (type_status(&status, "big", ResourceType::Routes)?.state() == SyncState::Synced).then_some(())
+    })
+    .await;
+    let mut management = server.management().await;
+    management.set_weights("payment", &common::weights(&[("v1", 50), ("v2", 50)]), None).await.expect("set-weight");
+    let pushed = tokio::time::timeout(Duration::from_secs(10), big.next()).await.expect("a push in time");
+    assert!(pushed.is_ok(), "the stream carries on: {pushed:?}");
+    server.stop().await;
+}
+
+/// A sidecar calling more service/version pairs than one report may carry sends them
+/// over several requests: every entry is recorded and the stream is never ended.
+#[tokio::test]
+async fn the_client_library_splits_big_reports() {
+    let server = Server::start(common::store()).await;
+    // Every interval, one request to each of 2,500 services.
+    let take: TakeLoadReport = Arc::new(move || {
+        Some(pb::LoadReport {
+            interval_ms: 50,
+            loads: (0..2_500)
+                .map(|i| pb::VersionLoad {
+                    service: format!("svc{i:04}.default.svc.cluster.local"),
+                    version: "v1".to_string(),
+                    status_2xx: 1,
+                    duration_buckets: vec![1],
+                    ..Default::default()
+                })
+                .collect(),
+        })
+    });
+    let options = client::SubscribeOptions {
+        load_reports: Some(LoadReports { interval: Duration::from_millis(50), take }),
+        ..client::SubscribeOptions::default()
+    };
+    let endpoint = client::endpoint(&server.url()).expect("endpoint");
+    let subscription = client::subscribe_with(endpoint, node("wide"), options, |_: client::Update<'_>| Ok(()));
+    eventually("2,500 series", || async { (server.plane.load().series_count() == 2_500).then_some(()) }).await;
+    eventually("several reports sent", || async {
+        (subscription.status().borrow().load_reports_sent >= 3).then_some(())
+    })
+    .await;
+    let status = subscription.status().borrow().clone();
+    assert_eq!(status.connects, 1, "the stream was never ended: {status:?}");
+    assert_eq!(status.last_error, None, "{status:?}");
+    assert_eq!(server.plane.load().rejected_reports(), [("too_many_entries", 0), ("malformed", 0)]);
+    let mut load = LoadClient::connect(&server.url()).await.expect("load client");
+    let figures = load.load("svc2499", None, false).await.expect("GetLoad");
+    assert!(figures.versions.first().is_some_and(|v| v.requests >= 1), "{figures:?}");
+    subscription.shutdown().await;
     server.stop().await;
 }
 

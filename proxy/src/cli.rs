@@ -34,7 +34,7 @@ pub enum Command {
     },
     /// Run a demo upstream service that answers with its service, version and pod.
     Upstream(UpstreamArgs),
-    /// Run a local canary of `payment` v1/v2: sidecars with mTLS, the control plane shifting the weights (95/5, 75/25, rollback), load, and a live table.
+    /// Run a local canary of `payment` v1/v2: sidecars with mTLS, the control plane's canary analysis stepping v2's weight and rolling it back (or promoting it with --healthy-canary), load, a live table and the dashboard.
     Demo(Box<DemoArgs>),
     /// Manage the mesh CA: create a root CA, issue workload certificates.
     Ca {

@@ -56,7 +56,8 @@ pub struct ControlPlaneArgs {
     /// Folder of Istio YAML (`*.yaml`, `*.yml`) served to the sidecars; watched.
     #[arg(long)]
     pub config_dir: PathBuf,
-    /// Folder for the state file (weights set through the API, versions); created when missing.
+    /// Folder for the state files (weights set through the API, versions; the canary
+    /// analyses in `canaries.json`); created when missing.
     #[arg(long)]
     pub state_dir: PathBuf,
     /// gRPC listener (discovery and management), plaintext.
@@ -374,7 +375,9 @@ pub async fn start(args: &ControlPlaneArgs) -> anyhow::Result<Running> {
     let store = tokio::task::spawn_blocking(move || Store::open(&state_dir, loaded.documents))
         .await
         .context("opening the state folder")?
-        .with_context(|| format!("state folder {}", args.state_dir.display()))?;
+        .with_context(|| {
+            format!("config folder {} with state folder {}", args.config_dir.display(), args.state_dir.display())
+        })?;
     let store = Arc::new(store);
     for warning in store.warnings() {
         tracing::warn!(%warning, "store");
@@ -556,6 +559,22 @@ pub fn load_metrics(load: &LoadStats) -> String {
          serin_load_reports_total {}",
         load.reports_total()
     );
+    let _ = writeln!(
+        out,
+        "# HELP serin_load_reports_rejected Load reports not recorded in full (their bad or extra entries dropped; \
+         the stream carries on), by reason.\n# TYPE serin_load_reports_rejected counter"
+    );
+    for (reason, n) in load.rejected_reports() {
+        let _ = writeln!(out, "serin_load_reports_rejected_total{{reason=\"{reason}\"}} {n}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP serin_load_series_dropped Load report entries dropped for want of room for their series, by \
+         reason.\n# TYPE serin_load_series_dropped counter"
+    );
+    for (reason, n) in load.dropped_series_by_reason() {
+        let _ = writeln!(out, "serin_load_series_dropped_total{{reason=\"{reason}\"}} {n}");
+    }
     out
 }
 
@@ -599,9 +618,17 @@ async fn serve_metrics(
                 let load = load.clone();
                 async move {
                     if req.uri().path() == "/metrics" {
-                        hyper::Response::builder()
-                            .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
-                            .body(Full::new(Bytes::from(with_load(metrics.encode(), &load))))
+                        // The load figures take the LoadStats lock and walk every series:
+                        // off the runtime threads.
+                        let text = tokio::task::spawn_blocking(move || with_load(metrics.encode(), &load)).await;
+                        match text {
+                            Ok(text) => hyper::Response::builder()
+                                .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+                                .body(Full::new(Bytes::from(text))),
+                            Err(e) => hyper::Response::builder()
+                                .status(500)
+                                .body(Full::new(Bytes::from(format!("the metrics were not computed: {e}\n")))),
+                        }
                     } else {
                         hyper::Response::builder().status(404).body(Full::new(Bytes::from_static(b"not found\n")))
                     }

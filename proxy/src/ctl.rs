@@ -191,7 +191,9 @@ fn report_change(service: &str, result: &pb::ChangeResult, wait: &WaitArgs) -> a
     Ok(())
 }
 
-fn state_name(state: i32) -> &'static str {
+/// A sidecar's sync state of one type as `serin ctl status` and the dashboard name it:
+/// `SYNCED`, `STALE`, `NACKED`, `NOT SENT` (`?` for a state this build does not know).
+pub fn sync_state_name(state: i32) -> &'static str {
     match pb::SyncState::try_from(state) {
         Ok(pb::SyncState::Synced) => "SYNCED",
         Ok(pb::SyncState::Stale) => "STALE",
@@ -219,7 +221,7 @@ pub fn status_table(status: &pb::Status, now_ms: i64) -> String {
                 None => "-".to_string(),
                 Some(t) => {
                     let version = if t.acked_version.is_empty() { &t.sent_version } else { &t.acked_version };
-                    let mut cell = state_name(t.state).to_string();
+                    let mut cell = sync_state_name(t.state).to_string();
                     if !version.is_empty() {
                         cell.push_str(&format!(" v{version}"));
                     }
@@ -242,13 +244,7 @@ pub fn status_table(status: &pb::Status, now_ms: i64) -> String {
         }
         rows.push(row);
     }
-    let widths: Vec<usize> = (0..rows[0].len()).map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
-    let mut out = String::new();
-    for row in &rows {
-        let line: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
+    let mut out = table(&rows);
     if status.proxies.is_empty() {
         out.push_str("(no sidecars connected)\n");
     }
@@ -268,6 +264,21 @@ pub fn status_table(status: &pb::Status, now_ms: i64) -> String {
     out
 }
 
+/// `rows` (the header first) as left-aligned columns two spaces apart, one line each,
+/// without trailing spaces: the tables of `serin ctl`.
+pub fn table(rows: &[Vec<String>]) -> String {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> =
+        (0..columns).map(|i| rows.iter().filter_map(|r| r.get(i)).map(|c| c.len()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
 /// Whole seconds of `ms` (a table does not need milliseconds of uptime).
 fn secs(ms: u64) -> Duration {
     Duration::from_secs(ms / 1000)
@@ -276,6 +287,18 @@ fn secs(ms: u64) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tables_align_columns_without_trailing_spaces() {
+        let rows = vec![
+            vec!["NAME".to_string(), "STATE".to_string(), "X".to_string()],
+            vec!["frontend-1".to_string(), "SYNCED".to_string(), String::new()],
+        ];
+        assert_eq!(table(&rows), "NAME        STATE   X\nfrontend-1  SYNCED\n");
+        assert_eq!(table(&[]), "");
+        assert_eq!(sync_state_name(pb::SyncState::NotSent as i32), "NOT SENT");
+        assert_eq!(sync_state_name(99), "?");
+    }
 
     #[test]
     fn the_status_table_shows_each_type_with_its_state_version_and_latency() {

@@ -287,13 +287,7 @@ pub fn list_table(list: &pb::CanaryList) -> String {
             spec.source.clone(),
         ]);
     }
-    let widths: Vec<usize> = (0..rows[0].len()).map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
-    let mut out = String::new();
-    for row in &rows {
-        let line: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
+    let mut out = crate::ctl::table(&rows);
     if list.canaries.is_empty() {
         out.push_str("(no canary analyses)\n");
     }

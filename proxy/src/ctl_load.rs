@@ -53,13 +53,7 @@ pub fn load_table(figures: &pb::LoadFigures, service: &str) -> String {
             v.reporters.to_string(),
         ]);
     }
-    let widths: Vec<usize> = (0..header.len()).map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
-    let mut out = String::new();
-    for row in &rows {
-        let line: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
+    let mut out = crate::ctl::table(&rows);
     out.push_str(&format!("over the last {window}\n"));
     out
 }

@@ -63,6 +63,10 @@ pub struct DemoArgs {
     /// figures, then steps its weight 5 → 10 → 25 → 50% (Flagger's `analysis.interval`).
     #[arg(long, default_value = "3s", value_parser = parse_interval)]
     pub interval: Duration,
+    /// Fewest v2 requests in an interval for the analysis to judge it (below, the
+    /// step waits and says why).
+    #[arg(long, default_value_t = 20)]
+    pub min_requests: u64,
     /// Requests per second of the built-in load.
     #[arg(long, default_value_t = 300)]
     pub rate: u32,
@@ -94,12 +98,12 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     }
 }
 
-/// Like [`parse_duration`], at least 100 ms (the sidecars report load every second,
-/// so a shorter interval would mostly wait for figures).
+/// Like [`parse_duration`], at least 1 s (the sidecars report their load every second,
+/// and the analysis judges whole seconds of reports).
 fn parse_interval(text: &str) -> Result<Duration, String> {
     let every = parse_duration(text)?;
-    if every < Duration::from_millis(100) {
-        return Err("the analysis interval must be at least 100ms".to_string());
+    if every < Duration::from_secs(1) {
+        return Err("the analysis interval must be at least 1s".to_string());
     }
     Ok(every)
 }
@@ -118,7 +122,7 @@ fn canary_spec(args: &DemoArgs) -> pb::CanarySpec {
         threshold: 2,
         min_success_percent: Some(99.0),
         max_p99_ms: Some(500.0),
-        min_requests: 20,
+        min_requests: args.min_requests,
         promote_weight: 100,
         source: "serin demo".to_string(),
         ..pb::CanarySpec::default()
@@ -786,7 +790,7 @@ mod tests {
         let healthy = parse(&["--healthy-canary", "--interval", "1s"]).expect("flags parse");
         assert_eq!(healthy.v2_errors(), 0.0);
         assert_eq!(canary_spec(&healthy).interval_ms, 1000);
-        assert!(parse(&["--interval", "10ms"]).is_err());
+        assert!(parse(&["--interval", "500ms"]).is_err());
     }
 
     #[test]

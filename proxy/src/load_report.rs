@@ -6,8 +6,14 @@
 //! timeouts, and their durations in the buckets of `istio_request_duration_milliseconds`.
 //! [`crate::metrics::Metrics`] resolves the cell once per metric label set and keeps it
 //! with the label set's handles, so recording costs three or four relaxed atomic adds.
+//! A label set can cover several cells (subsets chosen by a label other than `version`,
+//! or failures without an endpoint); a request for another cell than the label set's
+//! finds it by its cluster's address (a read lock and one hash of a pointer) or, for a
+//! cluster without a subset, by borrowed names: never an allocation.
 //! Every `--load-report-interval` the control-plane subscription takes and resets the
-//! cells ([`LoadCells::take`]) and sends the non-empty ones as one `LoadReport`.
+//! cells ([`LoadCells::take`]) and sends the non-empty ones as one `LoadReport` (which
+//! the subscription splits into requests of at most
+//! [`MAX_REPORT_ENTRIES`](serin_control_api::server::MAX_REPORT_ENTRIES) entries).
 //!
 //! Only requests this sidecar made as a client (`reporter=source`) to a known cluster
 //! are counted. The version is the route's destination subset (`v1`) when the cluster
@@ -16,7 +22,6 @@
 //! flags `UC` (upstream connection termination) or `UR` (upstream remote reset), the
 //! timeouts those with `UT`.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -24,7 +29,7 @@ use std::time::{Duration, Instant};
 use serin_control_api::pb;
 
 use crate::flags::ResponseFlags;
-use crate::metrics::ENVOY_DEFAULT_BUCKETS;
+use crate::metrics::{ENVOY_DEFAULT_BUCKETS, FastMap, PtrCache};
 use crate::request_info::{Reporter, RequestInfo};
 use crate::snapshot::{Cluster, Endpoint};
 
@@ -132,12 +137,28 @@ pub fn version_of<'a>(cluster: &'a Cluster, endpoint: Option<&'a Arc<Endpoint>>)
     }
 }
 
+/// The cells by service, then version (nested, so that a lookup borrows the names).
+#[derive(Debug, Default)]
+struct CellMap {
+    cells: FastMap<String, FastMap<String, Arc<LoadCell>>>,
+    len: usize,
+}
+
+impl CellMap {
+    fn get(&self, service: &str, version: &str) -> Option<&Arc<LoadCell>> {
+        self.cells.get(service)?.get(version)
+    }
+}
+
 /// Every cell of this sidecar, and when they were last taken. Off (no cell handed out)
 /// until [`LoadCells::enable`].
 #[derive(Debug)]
 pub struct LoadCells {
     enabled: AtomicBool,
-    cells: RwLock<HashMap<(String, String), Arc<LoadCell>>>,
+    cells: RwLock<CellMap>,
+    /// The cell of each cluster with a subset (whose version is the subset), by the
+    /// cluster's address: `None` when [`MAX_CELLS`] cells existed already.
+    by_cluster: PtrCache<Cluster, Option<Arc<LoadCell>>>,
     last_take: Mutex<Instant>,
     /// Requests not counted: [`MAX_CELLS`] cells existed already.
     overflow: AtomicU64,
@@ -154,7 +175,8 @@ impl LoadCells {
     pub fn new() -> LoadCells {
         LoadCells {
             enabled: AtomicBool::new(false),
-            cells: RwLock::new(HashMap::new()),
+            cells: RwLock::new(CellMap::default()),
+            by_cluster: PtrCache::new(),
             last_take: Mutex::new(Instant::now()),
             overflow: AtomicU64::new(0),
         }
@@ -175,22 +197,39 @@ impl LoadCells {
         self.overflow.load(Ordering::Relaxed)
     }
 
-    /// The cell of `service` and `version`, made when missing (`None` at the cap).
+    /// The cell of `service` and `version`, made when missing (`None` at the cap). No
+    /// allocation when it exists.
     fn cell(&self, service: &str, version: &str) -> Option<Arc<LoadCell>> {
         {
             let cells = self.cells.read().unwrap_or_else(|e| e.into_inner());
-            if let Some(cell) = cells.get(&(service.to_string(), version.to_string())) {
+            if let Some(cell) = cells.get(service, version) {
                 return Some(Arc::clone(cell));
             }
         }
-        let mut cells = self.cells.write().unwrap_or_else(|e| e.into_inner());
-        let full = cells.len() >= MAX_CELLS;
-        let key = (service.to_string(), version.to_string());
-        match cells.get(&key) {
-            Some(cell) => Some(Arc::clone(cell)),
-            None if full => None,
-            None => Some(Arc::clone(cells.entry(key).or_insert_with(|| Arc::new(LoadCell::new(service, version))))),
+        let mut guard = self.cells.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(cell) = guard.get(service, version) {
+            return Some(Arc::clone(cell));
         }
+        if guard.len >= MAX_CELLS {
+            return None;
+        }
+        let cell = Arc::new(LoadCell::new(service, version));
+        guard.cells.entry(service.to_string()).or_default().insert(version.to_string(), Arc::clone(&cell));
+        guard.len += 1;
+        Some(cell)
+    }
+
+    /// The cell of a request to `cluster` counted for `version` (its
+    /// [`version_of`]): by the cluster's address when it has a subset, else by name.
+    fn cell_of(&self, cluster: &Arc<Cluster>, version: &str) -> Option<Arc<LoadCell>> {
+        let cell = match cluster.subset {
+            Some(_) => self.by_cluster.get_or_insert_with(cluster, |c| self.cell(&c.service.host, version)),
+            None => self.cell(&cluster.service.host, version),
+        };
+        if cell.is_none() {
+            self.overflow.fetch_add(1, Ordering::Relaxed);
+        }
+        cell
     }
 
     /// The cell a request counts in: `None` when counting is off, for an inbound
@@ -200,27 +239,33 @@ impl LoadCells {
             return None;
         }
         let cluster = info.cluster.as_ref()?;
-        let cell = self.cell(&cluster.service.host, version_of(cluster, info.upstream.as_ref()));
-        if cell.is_none() {
-            self.overflow.fetch_add(1, Ordering::Relaxed);
-        }
-        cell
+        self.cell_of(cluster, version_of(cluster, info.upstream.as_ref()))
     }
 
     /// Counts `info` in `cell`, the cell resolved for its label set. The label set names
-    /// the service and the endpoint's version but not the subset, so a request routed to
-    /// another subset (the same endpoint in two subsets, or no endpoint) is counted in
-    /// its own cell, found the slow way.
+    /// the service and the endpoint's labels but not the subset, so a request counted for
+    /// another version (the same endpoint in two subsets, subsets chosen by a label other
+    /// than `version`, or no endpoint) is counted in its own cell, found by its cluster's
+    /// address or by borrowed names: no allocation either way.
     pub fn record(&self, cell: &LoadCell, info: &RequestInfo) {
         let Some(cluster) = info.cluster.as_ref() else { return };
-        let same = match &cluster.subset {
-            Some(subset) => *subset == cell.version,
-            None => true,
-        };
-        if same {
-            cell.add(info.status, info.flags, info.duration);
-        } else if let Some(other) = self.cell_for(info) {
-            other.add(info.status, info.flags, info.duration);
+        self.record_to(cell, cluster, info.upstream.as_ref(), info.status, info.flags, info.duration);
+    }
+
+    fn record_to(
+        &self,
+        cell: &LoadCell,
+        cluster: &Arc<Cluster>,
+        upstream: Option<&Arc<Endpoint>>,
+        status: u16,
+        flags: ResponseFlags,
+        duration: Duration,
+    ) {
+        let version = version_of(cluster, upstream);
+        if version == cell.version {
+            cell.add(status, flags, duration);
+        } else if let Some(other) = self.cell_of(cluster, version) {
+            other.add(status, flags, duration);
         }
     }
 
@@ -234,8 +279,14 @@ impl LoadCells {
             *last = now;
             interval
         };
-        let cells: Vec<Arc<LoadCell>> =
-            self.cells.read().unwrap_or_else(|e| e.into_inner()).values().map(Arc::clone).collect();
+        let cells: Vec<Arc<LoadCell>> = self
+            .cells
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .cells
+            .values()
+            .flat_map(|versions| versions.values().map(Arc::clone))
+            .collect();
         let mut loads: Vec<pb::VersionLoad> = cells.iter().filter_map(|c| c.take()).collect();
         if loads.is_empty() {
             return None;
@@ -271,6 +322,47 @@ mod tests {
         assert_eq!(load.duration_buckets, expected);
         assert!((load.duration_sum_ms - (0.5 + 4.0 * 3.0 + 20.0 + 7_200_000.0)).abs() < 1e-6);
         assert!(cell.take().is_none(), "taking resets the cell");
+    }
+
+    fn cluster(subset: Option<&str>) -> Arc<Cluster> {
+        Arc::new(Cluster {
+            name: format!("outbound|8080|{}|payment.default.svc.cluster.local", subset.unwrap_or("")),
+            service: Arc::new(crate::snapshot::ServiceInfo {
+                host: "payment.default.svc.cluster.local".into(),
+                name: "payment".into(),
+                namespace: "default".into(),
+                ports: vec![(8080, "HTTP".into())],
+                addresses: Vec::new(),
+            }),
+            subset: subset.map(str::to_string),
+            port: 8080,
+            endpoints: Vec::new(),
+            policy: crate::snapshot::TrafficPolicy::default(),
+            rr_cursor: Default::default(),
+        })
+    }
+
+    #[test]
+    fn a_label_set_covering_several_versions_counts_each_in_its_own_cell() {
+        let cells = LoadCells::new();
+        let (v1, v2, plain) = (cluster(Some("v1")), cluster(Some("v2")), cluster(None));
+        // Failures without an endpoint share one label set: its cell is the first one's.
+        let handle = cells.cell_of(&v1, "v1").expect("cell");
+        let ms = Duration::from_millis(3);
+        for _ in 0..3 {
+            cells.record_to(&handle, &v1, None, 503, ResponseFlags::NONE, ms);
+        }
+        for _ in 0..2 {
+            cells.record_to(&handle, &v2, None, 503, ResponseFlags::NONE, ms);
+        }
+        cells.record_to(&handle, &plain, None, 503, ResponseFlags::NONE, ms);
+        // The other subset's cell is found by the cluster's address: always the same one.
+        let by_ptr = cells.by_cluster.get_or_insert_with(&v2, |_| None).expect("cached");
+        assert!(Arc::ptr_eq(&by_ptr, &cells.cell("payment.default.svc.cluster.local", "v2").expect("cell")));
+        let report = cells.take().expect("report");
+        let got: Vec<(&str, u64)> = report.loads.iter().map(|l| (l.version.as_str(), l.status_5xx)).collect();
+        assert_eq!(got, [("", 1), ("v1", 3), ("v2", 2)]);
+        assert_eq!(cells.overflow(), 0);
     }
 
     #[test]

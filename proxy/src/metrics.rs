@@ -240,7 +240,7 @@ fn or_unknown(value: &str) -> &str {
 /// A `HashMap` with foldhash's fast hasher, for the request-path caches: their keys
 /// are pointers and small integers chosen by this process and its configuration, so
 /// SipHash's flooding resistance buys nothing and costs ~700 instructions per request.
-type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+pub(crate) type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// A value shared by every holder of equal content: compares and hashes by pointer.
 /// Only [`Interner::intern`] makes one, which keeps "equal content ⇔ same pointer".
@@ -291,9 +291,10 @@ impl<T: Hash + Eq> Interner<T> {
 /// A cache keyed by the address of an `Arc<K>`. Each entry holds a `Weak<K>`, which
 /// keeps the allocation (not the value) alive, so no other `Arc<K>` can take the
 /// same address while the entry exists: an address hit is always the same object.
-/// Entries whose object is gone are pruned when the map has doubled.
+/// Entries whose object is gone are pruned when the map has doubled. (Also the load
+/// cells' cache by cluster, [`crate::load_report`].)
 #[derive(Debug)]
-struct PtrCache<K, V> {
+pub(crate) struct PtrCache<K, V> {
     map: RwLock<FastMap<usize, (Weak<K>, V)>>,
     prune_at: AtomicUsize,
 }
@@ -301,11 +302,11 @@ struct PtrCache<K, V> {
 impl<K, V: Clone> PtrCache<K, V> {
     const MIN_PRUNE: usize = 64;
 
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         PtrCache { map: RwLock::new(FastMap::default()), prune_at: AtomicUsize::new(Self::MIN_PRUNE) }
     }
 
-    fn get_or_insert_with(&self, key: &Arc<K>, make: impl FnOnce(&K) -> V) -> V {
+    pub(crate) fn get_or_insert_with(&self, key: &Arc<K>, make: impl FnOnce(&K) -> V) -> V {
         let addr = Arc::as_ptr(key) as *const () as usize;
         {
             let map = self.map.read().unwrap_or_else(|e| e.into_inner());

@@ -171,3 +171,26 @@ spec:
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("missing.yaml"), "{err}");
 }
+
+/// A Flagger `Canary` is the control plane's: a proxy accepts it with a warning, and
+/// `validate` checks its fields as the control plane reads them.
+#[test]
+fn a_canary_is_checked_field_by_field() {
+    let canary = |threshold: u32| {
+        format!(
+            "apiVersion: flagger.app/v1beta1\nkind: Canary\nmetadata: {{name: payment, namespace: default}}\nspec:\n  targetRef: {{apiVersion: apps/v1, kind: Deployment, name: payment}}\n  analysis: {{interval: 30s, threshold: {threshold}, maxWeight: 50, stepWeight: 10}}\n"
+        )
+    };
+    let good = TempDir::new();
+    let file = good.write("canary.yaml", &canary(3));
+    let (code, stdout, stderr) = validate(&[&file]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stderr.contains("kind Canary is run by the control plane's canary analysis"), "{stderr}");
+
+    let bad = TempDir::new();
+    let file = bad.write("canary.yaml", &canary(0));
+    let (code, stdout, stderr) = validate(&[&file]);
+    assert_eq!(code, Some(1), "{stdout}{stderr}");
+    assert!(stderr.contains("Canary default/payment: spec.analysis.threshold: must be at least 1"), "{stderr}");
+    assert!(bad.path().exists());
+}

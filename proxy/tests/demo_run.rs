@@ -80,13 +80,18 @@ fn canary_events(stdout: &str) -> Vec<String> {
         .collect()
 }
 
+/// The analysis' decisions as the demo printed them (for failure messages).
+fn decisions(stdout: &str) -> String {
+    stdout.lines().filter(|l| l.starts_with(">> ")).collect::<Vec<_>>().join("\n")
+}
+
 #[test]
 fn demo_rolls_a_failing_canary_back_and_stops_cleanly() {
-    let stdout = run_demo(&["--duration", "14s", "--interval", "1s", "--rate", "600"]);
+    let stdout = run_demo(&["--duration", "20s", "--interval", "2s", "--min-requests", "10"]);
     assert_common(&stdout);
     let events = canary_events(&stdout);
     assert_eq!(events.first().map(String::as_str), Some("started"), "{stdout}");
-    assert_eq!(events.iter().filter(|e| *e == "failed-check").count(), 2, "{events:?}");
+    assert_eq!(events.iter().filter(|e| *e == "failed-check").count(), 2, "{}", decisions(&stdout));
     assert!(events.contains(&"rollback".to_string()), "{events:?}");
     assert!(stdout.contains("canary analysis ended: FAILED"), "{stdout}");
     // After the rollback the frontend sidecar routes everything to v1, and does.
@@ -99,10 +104,10 @@ fn demo_rolls_a_failing_canary_back_and_stops_cleanly() {
 
 #[test]
 fn demo_promotes_a_healthy_canary() {
-    let stdout = run_demo(&["--duration", "14s", "--healthy-canary", "--interval", "1s", "--rate", "600"]);
+    let stdout = run_demo(&["--duration", "20s", "--healthy-canary", "--interval", "2s", "--min-requests", "10"]);
     assert_common(&stdout);
     let events = canary_events(&stdout);
-    assert_eq!(events.iter().filter(|e| *e == "step").count(), 3, "{events:?}");
+    assert_eq!(events.iter().filter(|e| *e == "step").count(), 3, "{}", decisions(&stdout));
     assert!(!events.contains(&"failed-check".to_string()), "{events:?}");
     assert!(stdout.contains("canary analysis ended: SUCCEEDED"), "{stdout}");
     // Each step's split held exactly, then all traffic went to v2.

@@ -12,11 +12,14 @@
 //! - A request carrying a `load_report` is a load report, handed to the control plane's
 //!   [`LoadStats`](super::LoadStats); its other fields are ignored (it is not a
 //!   subscription, an ACK or a NACK). It needs the node like any request: a stream
-//!   whose first request names none ends with INVALID_ARGUMENT.
+//!   whose first request names none ends with INVALID_ARGUMENT. A report that is too
+//!   big (over [`MAX_REPORT_ENTRIES`](super::MAX_REPORT_ENTRIES) entries) or has
+//!   malformed entries never ends the stream: telemetry must not take down config. Its
+//!   valid part is recorded, the rest dropped and counted
+//!   ([`LoadStats::accept`](super::LoadStats::accept)).
 //! - A bad request (no node on the first request, an unknown type URL, an unknown
-//!   nonce, an oversized message, a load report over
-//!   [`MAX_REPORT_ENTRIES`](super::MAX_REPORT_ENTRIES) entries) ends that stream with a
-//!   gRPC error status; other streams carry on.
+//!   nonce, an oversized message) ends that stream with a gRPC error status; other
+//!   streams carry on.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -129,8 +132,7 @@ impl Session {
             self.node = Some(node);
         }
         if let Some(report) = request.load_report.take() {
-            super::check_report(&report).map_err(|e| End::Error(Status::invalid_argument(e)))?;
-            self.shared.load.record(self.node_id(), &report);
+            self.shared.load.accept(self.node_id(), &report);
             return Ok(());
         }
         let Some(ty) = ResourceType::from_type_url(&request.type_url) else {

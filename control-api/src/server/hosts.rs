@@ -1,8 +1,9 @@
 //! Service names and hosts: `payment`, `payment.default`, `payment.default.svc` and
 //! `payment.default.svc.cluster.local` all name the same service in namespace `default`.
 
-/// The fully qualified form of a host as seen from `namespace` (Kubernetes short-name rules).
-pub(crate) fn fqdn(host: &str, namespace: &str) -> String {
+/// The fully qualified form of a host as seen from `namespace` (Kubernetes short-name rules):
+/// `payment` in `default` is `payment.default.svc.cluster.local`.
+pub fn fqdn(host: &str, namespace: &str) -> String {
     let host = host.trim_end_matches('.').to_ascii_lowercase();
     match host.matches('.').count() {
         0 => format!("{host}.{namespace}.svc.cluster.local"),

@@ -4,14 +4,21 @@
 //!
 //! Each report is added to the second it arrived in (Unix seconds, control plane
 //! clock), per destination service and version. A series keeps at most [`HISTORY`] of
-//! seconds (a ring of 900 one-second slots, only seconds with data stored); a series
-//! without a report for [`HISTORY`] is dropped; at most [`MAX_SERIES`] series exist at
-//! once (reports for more are counted in [`LoadStats::dropped_series`] and dropped).
-//! Per series the last second each sidecar reported it is kept, which counts the
-//! reporters of a window.
+//! seconds (only seconds with data stored, each packed in a few bytes once the series
+//! moved on to a later second); a series without a report for [`HISTORY`] is dropped.
+//! At most [`MAX_SERIES`] series exist at once, and once [`SHARED_SERIES`] exist one
+//! sidecar may have created at most [`MAX_SERIES_PER_NODE`] of them (so one stream
+//! reporting made-up names cannot crowd out the others): reports for more are dropped
+//! and counted
+//! ([`LoadStats::dropped_series_by_reason`]). Per series the last second each sidecar
+//! reported it is kept, which counts the reporters of a window.
+//!
+//! A report from a stream is never a reason to end the stream ([`LoadStats::accept`]):
+//! entries over [`MAX_REPORT_ENTRIES`] and malformed entries are dropped and counted
+//! ([`LoadStats::rejected_reports`]), the rest is recorded.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -25,7 +32,16 @@ pub const HISTORY: Duration = Duration::from_secs(900);
 pub const DEFAULT_WINDOW: Duration = Duration::from_secs(60);
 /// Most (service, version) series kept at once.
 pub const MAX_SERIES: usize = 10_000;
-/// Most entries one report may carry (more ends the stream with INVALID_ARGUMENT).
+/// Most series one sidecar (node id) may have created and still hold (series it was
+/// the first to report) once [`SHARED_SERIES`] series exist: past that, reports of
+/// more new series from it are dropped and counted. Below, a sidecar may create more
+/// (one that alone calls thousands of services loses nothing in an uncrowded mesh),
+/// yet one stream making up names can never hold more than half of [`MAX_SERIES`].
+pub const MAX_SERIES_PER_NODE: usize = 2_000;
+/// The series count up to which [`MAX_SERIES_PER_NODE`] does not apply.
+pub const SHARED_SERIES: usize = MAX_SERIES / 2;
+/// Most entries one report may carry: a sidecar with more splits them over several
+/// requests; the entries past it of a bigger report are dropped (and counted).
 pub const MAX_REPORT_ENTRIES: usize = 1_000;
 /// Longest service or version name accepted in a report.
 pub const MAX_NAME_LEN: usize = 253;
@@ -41,9 +57,48 @@ pub const BUCKET_BOUNDS_MS: [f64; BUCKETS - 1] = [
 
 const HISTORY_S: i64 = HISTORY.as_secs() as i64;
 
-/// Checks a report before it is recorded: at most [`MAX_REPORT_ENTRIES`] entries, each
-/// naming a service (at most [`MAX_NAME_LEN`] bytes, as the version) with at most
-/// [`BUCKETS`] duration buckets. The error says what is wrong.
+/// Why (part of) a report was not recorded: the `reason` label of
+/// `serin_load_reports_rejected_total`.
+const TOO_MANY_ENTRIES: usize = 0;
+const MALFORMED: usize = 1;
+const REJECT_REASONS: [&str; 2] = ["too_many_entries", "malformed"];
+/// Why a report entry found no series: the `reason` label of
+/// `serin_load_series_dropped_total`.
+const SERIES_CAP: usize = 0;
+const NODE_SERIES_CAP: usize = 1;
+const DROP_REASONS: [&str; 2] = ["series_cap", "node_series_cap"];
+/// At most one warning about rejected reports per this many seconds (the others are
+/// logged at debug level).
+const WARN_EVERY_S: i64 = 60;
+
+/// What is wrong with entry `i` of a report, if anything.
+fn entry_problem(i: usize, load: &pb::VersionLoad) -> Option<String> {
+    if load.service.trim().is_empty() {
+        return Some(format!("load_report.loads[{i}].service is empty"));
+    }
+    if load.service.len() > MAX_NAME_LEN || load.version.len() > MAX_NAME_LEN {
+        return Some(format!("load_report.loads[{i}]: a service or version name longer than {MAX_NAME_LEN} bytes"));
+    }
+    if load.duration_buckets.len() > BUCKETS {
+        return Some(format!(
+            "load_report.loads[{i}].duration_buckets has {} entries; at most {BUCKETS}",
+            load.duration_buckets.len()
+        ));
+    }
+    None
+}
+
+fn entry_ok(load: &pb::VersionLoad) -> bool {
+    !load.service.trim().is_empty()
+        && load.service.len() <= MAX_NAME_LEN
+        && load.version.len() <= MAX_NAME_LEN
+        && load.duration_buckets.len() <= BUCKETS
+}
+
+/// Checks a report: at most [`MAX_REPORT_ENTRIES`] entries, each naming a service (at
+/// most [`MAX_NAME_LEN`] bytes, as the version) with at most [`BUCKETS`] duration
+/// buckets. The error says what is wrong. ([`LoadStats::accept`] records the valid
+/// part of a report that fails it.)
 pub fn check_report(report: &pb::LoadReport) -> Result<(), String> {
     if report.loads.len() > MAX_REPORT_ENTRIES {
         return Err(format!(
@@ -51,21 +106,10 @@ pub fn check_report(report: &pb::LoadReport) -> Result<(), String> {
             report.loads.len()
         ));
     }
-    for (i, load) in report.loads.iter().enumerate() {
-        if load.service.trim().is_empty() {
-            return Err(format!("load_report.loads[{i}].service is empty"));
-        }
-        if load.service.len() > MAX_NAME_LEN || load.version.len() > MAX_NAME_LEN {
-            return Err(format!("load_report.loads[{i}]: a service or version name longer than {MAX_NAME_LEN} bytes"));
-        }
-        if load.duration_buckets.len() > BUCKETS {
-            return Err(format!(
-                "load_report.loads[{i}].duration_buckets has {} entries; at most {BUCKETS}",
-                load.duration_buckets.len()
-            ));
-        }
+    match report.loads.iter().enumerate().find_map(|(i, load)| entry_problem(i, load)) {
+        Some(problem) => Err(problem),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// The counts of one second (or of a window, summed).
@@ -73,9 +117,8 @@ pub fn check_report(report: &pb::LoadReport) -> Result<(), String> {
 struct Counts {
     /// 2xx, 3xx, 4xx, 5xx, resets, timeouts.
     classes: [u64; 6],
-    /// Non-cumulative, trailing zeros left out.
-    buckets: Vec<u64>,
-    sum_ms: f64,
+    /// Non-cumulative.
+    buckets: [u64; BUCKETS],
 }
 
 impl Counts {
@@ -88,18 +131,7 @@ impl Counts {
         for (c, a) in self.classes.iter_mut().zip(add) {
             *c = c.saturating_add(a);
         }
-        self.add_buckets(&load.duration_buckets);
-        if load.duration_sum_ms.is_finite() && load.duration_sum_ms > 0.0 {
-            self.sum_ms += load.duration_sum_ms;
-        }
-    }
-
-    fn add_buckets(&mut self, buckets: &[u64]) {
-        let len = buckets.iter().rposition(|b| *b > 0).map_or(0, |i| i + 1).min(BUCKETS);
-        if self.buckets.len() < len {
-            self.buckets.resize(len, 0);
-        }
-        for (mine, theirs) in self.buckets.iter_mut().zip(&buckets[..len]) {
+        for (mine, theirs) in self.buckets.iter_mut().zip(&load.duration_buckets) {
             *mine = mine.saturating_add(*theirs);
         }
     }
@@ -108,8 +140,55 @@ impl Counts {
         for (c, a) in self.classes.iter_mut().zip(other.classes) {
             *c = c.saturating_add(a);
         }
-        self.add_buckets(&other.buckets);
-        self.sum_ms += other.sum_ms;
+        for (c, a) in self.buckets.iter_mut().zip(other.buckets) {
+            *c = c.saturating_add(a);
+        }
+    }
+
+    /// The counts as LEB128 varints: the six classes, then the buckets up to the last
+    /// non-zero one. A typical second takes 10 to 30 bytes instead of 208.
+    fn pack(&self) -> Packed {
+        let len = self.buckets.iter().rposition(|b| *b > 0).map_or(0, |i| i + 1);
+        let mut out = Vec::with_capacity(6 + len + 8);
+        for mut v in self.classes.iter().chain(&self.buckets[..len]).copied() {
+            while v >= 0x80 {
+                out.push((v as u8) | 0x80);
+                v >>= 7;
+            }
+            out.push(v as u8);
+        }
+        Packed(out.into_boxed_slice())
+    }
+}
+
+/// One second's [`Counts`], packed ([`Counts::pack`]).
+#[derive(Debug, Clone, PartialEq)]
+struct Packed(Box<[u8]>);
+
+impl Packed {
+    fn unpack(&self) -> Counts {
+        let mut counts = Counts::default();
+        let (mut value, mut shift, mut index) = (0u64, 0u32, 0usize);
+        for byte in self.0.iter() {
+            if shift < 64 {
+                value |= u64::from(byte & 0x7f) << shift;
+            }
+            shift += 7;
+            if byte & 0x80 == 0 {
+                match index {
+                    0..6 => counts.classes[index] = value,
+                    _ => {
+                        if let Some(b) = counts.buckets.get_mut(index - 6) {
+                            *b = value;
+                        }
+                    }
+                }
+                index += 1;
+                value = 0;
+                shift = 0;
+            }
+        }
+        counts
     }
 }
 
@@ -139,60 +218,125 @@ pub fn quantile(q: f64, buckets: &[u64]) -> Option<f64> {
     Some(BUCKET_BOUNDS_MS[BUCKETS - 2])
 }
 
-/// One (service, version): its seconds with data, oldest first, and when each sidecar
-/// last reported it.
-#[derive(Debug, Default)]
+/// One (service, version): its seconds with data, and when each sidecar last reported
+/// it. The newest second is kept open (added to as reports arrive); the older ones
+/// are packed.
+#[derive(Debug)]
 struct Series {
-    seconds: VecDeque<(i64, Counts)>,
+    /// The seconds before `open`, oldest first.
+    sealed: VecDeque<(i64, Packed)>,
+    /// The newest second with data and its counts.
+    open: Option<(i64, Counts)>,
     reporters: HashMap<Arc<str>, i64>,
     last: i64,
+    /// The sidecar that reported it first (whose [`MAX_SERIES_PER_NODE`] it counts in).
+    creator: Arc<str>,
 }
 
 impl Series {
-    /// The counts of `second`, made when missing (out-of-order seconds are rare: a
-    /// clock step back).
-    fn slot(&mut self, second: i64) -> &mut Counts {
-        let index = match self.seconds.back() {
-            Some((s, _)) if *s == second => self.seconds.len() - 1,
-            Some((s, _)) if *s > second => match self.seconds.binary_search_by_key(&second, |(s, _)| *s) {
-                Ok(i) => i,
-                Err(i) => {
-                    self.seconds.insert(i, (second, Counts::default()));
-                    i
+    fn new(creator: Arc<str>) -> Series {
+        Series { sealed: VecDeque::new(), open: None, reporters: HashMap::new(), last: i64::MIN, creator }
+    }
+
+    /// Adds `load` to `second`. A later second than the open one seals it and trims
+    /// what fell out of the history (once per series and second, not per report); an
+    /// earlier one (a clock step back: rare) is unpacked, added to and packed again.
+    fn add(&mut self, second: i64, load: &pb::VersionLoad) {
+        match &mut self.open {
+            Some((s, counts)) if *s == second => counts.add_load(load),
+            Some((s, _)) if *s > second => {
+                match self.sealed.binary_search_by_key(&second, |(s, _)| *s) {
+                    Ok(i) => {
+                        let mut counts = self.sealed[i].1.unpack();
+                        counts.add_load(load);
+                        self.sealed[i].1 = counts.pack();
+                    }
+                    Err(i) => {
+                        let mut counts = Counts::default();
+                        counts.add_load(load);
+                        self.sealed.insert(i, (second, counts.pack()));
+                    }
                 }
-            },
-            _ => {
-                self.seconds.push_back((second, Counts::default()));
-                self.seconds.len() - 1
+                self.trim(self.last);
             }
-        };
-        &mut self.seconds[index].1
+            _ => {
+                let mut counts = Counts::default();
+                counts.add_load(load);
+                if let Some((s, previous)) = self.open.replace((second, counts)) {
+                    self.sealed.push_back((s, previous.pack()));
+                }
+                self.trim(second);
+            }
+        }
+        self.last = self.last.max(second);
     }
 
     /// Drops what is older than the history, as of `now`.
     fn trim(&mut self, now: i64) {
         let oldest = now - HISTORY_S + 1;
-        while self.seconds.front().is_some_and(|(s, _)| *s < oldest) || self.seconds.len() > HISTORY_S as usize {
-            self.seconds.pop_front();
+        let max_sealed = HISTORY_S as usize - usize::from(self.open.is_some());
+        while self.sealed.front().is_some_and(|(s, _)| *s < oldest) || self.sealed.len() > max_sealed {
+            self.sealed.pop_front();
+        }
+        if self.open.as_ref().is_some_and(|(s, _)| *s < oldest) {
+            self.open = None;
         }
         self.reporters.retain(|_, last| *last >= oldest);
     }
 
-    /// The seconds of `from..=until`.
-    fn range(&self, from: i64, until: i64) -> impl Iterator<Item = &(i64, Counts)> {
-        let start = self.seconds.partition_point(|(s, _)| *s < from);
-        self.seconds.range(start..).take_while(move |(s, _)| *s <= until)
+    /// The seconds held, oldest first.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.sealed.len() + usize::from(self.open.is_some())
+    }
+
+    /// The seconds of `from..=until`, oldest first.
+    fn range(&self, from: i64, until: i64) -> impl Iterator<Item = (i64, Counts)> + '_ {
+        let start = self.sealed.partition_point(|(s, _)| *s < from);
+        let sealed = self.sealed.range(start..).take_while(move |(s, _)| *s <= until).map(|(s, p)| (*s, p.unpack()));
+        let open = self.open.iter().filter(move |(s, _)| (from..=until).contains(s)).map(|(s, c)| (*s, c.clone()));
+        sealed.chain(open)
     }
 }
 
 #[derive(Debug, Default)]
 struct Inner {
-    /// By service FQDN, then version.
-    series: BTreeMap<(String, String), Series>,
-    /// Interned node ids.
-    nodes: HashMap<Arc<str>, ()>,
+    /// By service FQDN, then version (nested, so that a report's names are looked up
+    /// without building a key).
+    series: BTreeMap<String, BTreeMap<String, Series>>,
+    /// The number of series in `series`.
+    count: usize,
+    /// Interned node ids, with the number of series each created and still held.
+    nodes: HashMap<Arc<str>, usize>,
     /// The last second idle series were swept.
     swept: i64,
+}
+
+impl Inner {
+    /// Drops the series without a report for the history, as of `second`.
+    fn sweep(&mut self, second: i64) {
+        let Inner { series, count, nodes, .. } = self;
+        series.retain(|_, versions| {
+            versions.retain(|_, s| {
+                let keep = s.last > second - HISTORY_S;
+                if !keep {
+                    *count -= 1;
+                    if let Some(created) = nodes.get_mut(&s.creator) {
+                        *created = created.saturating_sub(1);
+                    }
+                }
+                keep
+            });
+            !versions.is_empty()
+        });
+        nodes.retain(|node, created| *created > 0 || Arc::strong_count(node) > 1);
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&str, &str, &Series)> {
+        self.series.iter().flat_map(|(service, versions)| {
+            versions.iter().map(move |(version, s)| (service.as_str(), version.as_str(), s))
+        })
+    }
 }
 
 /// The per-version load figures of the mesh: every sidecar's reports, summed per second
@@ -201,7 +345,12 @@ struct Inner {
 pub struct LoadStats {
     inner: Mutex<Inner>,
     reports: AtomicU64,
-    dropped_series: AtomicU64,
+    /// Report entries dropped, by [`DROP_REASONS`].
+    dropped_series: [AtomicU64; 2],
+    /// Reports not recorded in full, by [`REJECT_REASONS`].
+    rejected: [AtomicU64; 2],
+    /// The Unix second of the last warning about a rejected report.
+    warned: AtomicI64,
 }
 
 fn unix_seconds(t: SystemTime) -> i64 {
@@ -245,14 +394,71 @@ impl LoadStats {
         self.reports.load(Ordering::Relaxed)
     }
 
-    /// Report entries dropped because [`MAX_SERIES`] series existed already.
+    /// Report entries dropped because [`MAX_SERIES`] series existed already, or their
+    /// sidecar had created [`MAX_SERIES_PER_NODE`] series already.
     pub fn dropped_series(&self) -> u64 {
-        self.dropped_series.load(Ordering::Relaxed)
+        self.dropped_series.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
+    /// [`LoadStats::dropped_series`] by reason: `series_cap` ([`MAX_SERIES`]) and
+    /// `node_series_cap` ([`MAX_SERIES_PER_NODE`]).
+    pub fn dropped_series_by_reason(&self) -> [(&'static str, u64); 2] {
+        std::array::from_fn(|i| (DROP_REASONS[i], self.dropped_series[i].load(Ordering::Relaxed)))
+    }
+
+    /// Reports from streams not recorded in full, by reason: `too_many_entries` (over
+    /// [`MAX_REPORT_ENTRIES`]: the extra ones dropped) and `malformed` (entries that fail
+    /// [`check_report`] dropped).
+    pub fn rejected_reports(&self) -> [(&'static str, u64); 2] {
+        std::array::from_fn(|i| (REJECT_REASONS[i], self.rejected[i].load(Ordering::Relaxed)))
     }
 
     /// The (service, version) series held now.
     pub fn series_count(&self) -> usize {
-        self.lock().series.len()
+        self.lock().count
+    }
+
+    /// Records what is valid of `report`, received from the sidecar `node_id` on its
+    /// discovery stream: at most the first [`MAX_REPORT_ENTRIES`] entries, each that
+    /// passes [`check_report`]'s checks. The others are dropped and counted
+    /// ([`LoadStats::rejected_reports`]), with a warning at most once a minute (debug
+    /// otherwise). Never an error: telemetry must not take down the config stream.
+    pub fn accept(&self, node_id: &str, report: &pb::LoadReport) {
+        self.accept_at(node_id, report, SystemTime::now());
+    }
+
+    /// [`LoadStats::accept`] as of `now`.
+    pub fn accept_at(&self, node_id: &str, report: &pb::LoadReport, now: SystemTime) {
+        let total = report.loads.len();
+        let kept = &report.loads[..total.min(MAX_REPORT_ENTRIES)];
+        let malformed = kept.iter().filter(|l| !entry_ok(l)).count();
+        if malformed == 0 && total == kept.len() {
+            return self.record_loads(node_id, kept.iter(), now);
+        }
+        let mut problems = Vec::new();
+        if total > kept.len() {
+            self.rejected[TOO_MANY_ENTRIES].fetch_add(1, Ordering::Relaxed);
+            problems.push(format!(
+                "{total} entries, at most {MAX_REPORT_ENTRIES}: the last {} dropped",
+                total - kept.len()
+            ));
+        }
+        if malformed > 0 {
+            self.rejected[MALFORMED].fetch_add(1, Ordering::Relaxed);
+            let first = kept.iter().enumerate().find_map(|(i, l)| entry_problem(i, l)).unwrap_or_default();
+            problems.push(format!("{malformed} malformed entries dropped (first: {first})"));
+        }
+        self.record_loads(node_id, kept.iter().filter(|l| entry_ok(l)), now);
+        let second = unix_seconds(now);
+        let last = self.warned.load(Ordering::Relaxed);
+        let warn = (last == 0 || second >= last + WARN_EVERY_S)
+            && self.warned.compare_exchange(last, second.max(1), Ordering::Relaxed, Ordering::Relaxed).is_ok();
+        let problems = problems.join("; ");
+        if warn {
+            tracing::warn!(node = node_id, "load report partly dropped, the stream carries on: {problems}");
+        } else {
+            tracing::debug!(node = node_id, "load report partly dropped, the stream carries on: {problems}");
+        }
     }
 
     /// Adds `report`, from the sidecar `node_id`, to the current second.
@@ -263,50 +469,69 @@ impl LoadStats {
     /// Adds `report` to the second of `now`. Entries with no request are skipped;
     /// counts saturate rather than wrap.
     pub fn record_at(&self, node_id: &str, report: &pb::LoadReport, now: SystemTime) {
+        self.record_loads(node_id, report.loads.iter(), now);
+    }
+
+    fn record_loads<'a>(&self, node_id: &str, loads: impl Iterator<Item = &'a pb::VersionLoad>, now: SystemTime) {
         self.reports.fetch_add(1, Ordering::Relaxed);
         let second = unix_seconds(now);
         let mut guard = self.lock();
         let inner = &mut *guard;
         if second > inner.swept {
             inner.swept = second;
-            inner.series.retain(|_, s| s.last > second - HISTORY_S);
-            inner.nodes.retain(|node, ()| Arc::strong_count(node) > 1);
+            inner.sweep(second);
         }
         let node: Arc<str> = match inner.nodes.get_key_value(node_id) {
-            Some((node, ())) => Arc::clone(node),
+            Some((node, _)) => Arc::clone(node),
             None => {
                 let node: Arc<str> = Arc::from(node_id);
-                inner.nodes.insert(Arc::clone(&node), ());
+                inner.nodes.insert(Arc::clone(&node), 0);
                 node
             }
         };
-        for load in &report.loads {
+        for load in loads {
             let requests = [load.status_2xx, load.status_3xx, load.status_4xx, load.status_5xx]
                 .into_iter()
                 .fold(0u64, u64::saturating_add);
             if requests == 0 || load.service.is_empty() {
                 continue;
             }
-            let key = (load.service.clone(), load.version.clone());
-            let full = inner.series.len() >= MAX_SERIES;
-            let series = match inner.series.entry(key) {
-                std::collections::btree_map::Entry::Occupied(entry) => entry.into_mut(),
-                std::collections::btree_map::Entry::Vacant(_) if full => {
-                    self.dropped_series.fetch_add(1, Ordering::Relaxed);
+            let exists = inner.series.get(&load.service).is_some_and(|v| v.contains_key(&load.version));
+            if !exists {
+                let created = inner.nodes.get(&node).copied().unwrap_or(0);
+                let drop = if inner.count >= MAX_SERIES {
+                    Some(SERIES_CAP)
+                } else if created >= MAX_SERIES_PER_NODE && inner.count >= SHARED_SERIES {
+                    Some(NODE_SERIES_CAP)
+                } else {
+                    None
+                };
+                if let Some(reason) = drop {
+                    self.dropped_series[reason].fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
-                std::collections::btree_map::Entry::Vacant(entry) => entry.insert(Series::default()),
+                inner
+                    .series
+                    .entry(load.service.clone())
+                    .or_default()
+                    .insert(load.version.clone(), Series::new(Arc::clone(&node)));
+                inner.count += 1;
+                if let Some(created) = inner.nodes.get_mut(&node) {
+                    *created += 1;
+                }
+            }
+            let Some(series) = inner.series.get_mut(&load.service).and_then(|v| v.get_mut(&load.version)) else {
+                continue;
             };
-            series.slot(second).add_load(load);
-            series.last = series.last.max(second);
+            series.add(second, load);
             let last = series.reporters.entry(Arc::clone(&node)).or_insert(second);
             *last = (*last).max(second);
-            series.trim(series.last);
         }
     }
 
     /// The figures asked for by `request`, as of now. `window_ms` over [`HISTORY`] is
-    /// cut to it (the `Load` service refuses it instead).
+    /// cut to it (the `Load` service refuses it instead). The current second counts
+    /// (its reports are still arriving).
     pub fn figures(&self, request: &pb::GetLoadRequest) -> pb::LoadFigures {
         self.figures_at(request, SystemTime::now())
     }
@@ -322,10 +547,9 @@ impl LoadStats {
         let from = until - seconds + 1;
         let inner = self.lock();
         let mut versions: Vec<pb::VersionFigures> = inner
-            .series
             .iter()
-            .filter(|((service, _), _)| matches_service(&request.service, service))
-            .map(|((service, version), series)| figures_of(service, version, [series], from, until, request.series))
+            .filter(|(service, _, _)| matches_service(&request.service, service))
+            .map(|(service, version, series)| figures_of(service, version, [series], from, until, request.series))
             .collect();
         drop(inner);
         fill_shares(&mut versions);
@@ -358,17 +582,17 @@ impl LoadStats {
         let until = unix_seconds(now) - 1;
         let from = until - seconds + 1;
         let inner = self.lock();
-        let matching: Vec<(&(String, String), &Series)> =
-            inner.series.iter().filter(|((s, _), _)| matches_service(service, s)).collect();
-        let mut services: Vec<&str> = matching.iter().map(|((s, _), _)| s.as_str()).collect();
+        let matching: Vec<(&str, &str, &Series)> =
+            inner.iter().filter(|(s, _, _)| matches_service(service, s)).collect();
+        let mut services: Vec<&str> = matching.iter().map(|(s, _, _)| *s).collect();
         services.dedup();
         let name = match services.as_slice() {
             [one] => (*one).to_string(),
             _ => service.to_string(),
         };
-        let mine = matching.iter().filter(|((_, v), _)| v == version).map(|(_, s)| *s);
+        let mine = matching.iter().filter(|(_, v, _)| *v == version).map(|(_, _, s)| *s);
         let mut figures = figures_of(&name, version, mine, from, until, false);
-        let all = figures_of(&name, "", matching.iter().map(|(_, s)| *s), from, until, false);
+        let all = figures_of(&name, "", matching.iter().map(|(_, _, s)| *s), from, until, false);
         if all.requests > 0 {
             figures.share_percent = figures.requests as f64 * 100.0 / all.requests as f64;
         }
@@ -390,9 +614,9 @@ fn figures_of<'a>(
     let mut per_second: BTreeMap<i64, Counts> = BTreeMap::new();
     for s in series {
         for (second, counts) in s.range(from, until) {
-            total.add(counts);
+            total.add(&counts);
             if with_points {
-                per_second.entry(*second).or_default().add(counts);
+                per_second.entry(second).or_default().add(&counts);
             }
         }
         reporters += s.reporters.values().filter(|last| (from..=until).contains(*last)).count();
@@ -604,8 +828,9 @@ mod tests {
         }
         assert_eq!(stats.series_count(), 1, "the idle series is gone");
         let inner = stats.lock();
-        let series = inner.series.values().next().expect("series");
-        assert_eq!(series.seconds.len(), 900);
+        let (_, _, series) = inner.iter().next().expect("series");
+        assert_eq!(series.len(), 900);
+        assert_eq!(series.reporters.len(), 1);
         drop(inner);
         let f = stats.figures_at(&ask("", 900, false), at(999));
         assert_eq!(f.versions[0].requests, 900);
@@ -616,11 +841,95 @@ mod tests {
         let stats = LoadStats::new();
         let loads: Vec<pb::VersionLoad> =
             (0..MAX_SERIES + 5).map(|i| load(&format!("s{i}.default.svc.cluster.local"), "v1", 1, 0, &[])).collect();
-        for chunk in loads.chunks(MAX_REPORT_ENTRIES) {
-            stats.record_at("a", &report(chunk.to_vec()), at(0));
+        for (n, chunk) in loads.chunks(MAX_REPORT_ENTRIES).enumerate() {
+            stats.record_at(&format!("node-{n}"), &report(chunk.to_vec()), at(0));
         }
         assert_eq!(stats.series_count(), MAX_SERIES);
         assert_eq!(stats.dropped_series(), 5);
+        assert_eq!(stats.dropped_series_by_reason(), [("series_cap", 5), ("node_series_cap", 0)]);
+    }
+
+    #[test]
+    fn one_node_cannot_crowd_out_the_others() {
+        let stats = LoadStats::new();
+        // One stream makes up names: it gets half the series, no more.
+        let made_up: Vec<pb::VersionLoad> =
+            (0..MAX_SERIES).map(|i| load(&format!("fake{i}.default.svc.cluster.local"), "v1", 1, 0, &[])).collect();
+        for chunk in made_up.chunks(MAX_REPORT_ENTRIES) {
+            stats.record_at("greedy", &report(chunk.to_vec()), at(0));
+        }
+        assert_eq!(stats.series_count(), SHARED_SERIES);
+        assert_eq!(stats.dropped_series_by_reason(), [("series_cap", 0), ("node_series_cap", 5_000)]);
+        // A second one gets its own share, and no more.
+        for chunk in made_up.chunks(MAX_REPORT_ENTRIES) {
+            let renamed: Vec<pb::VersionLoad> = chunk.iter().map(|l| load(&l.service, "v2", 1, 0, &[])).collect();
+            stats.record_at("greedy-2", &report(renamed), at(0));
+        }
+        assert_eq!(stats.series_count(), SHARED_SERIES + MAX_SERIES_PER_NODE);
+        // Its existing series still take its reports; another sidecar's real series are kept.
+        stats.record_at("greedy", &report(vec![load("fake0.default.svc.cluster.local", "v1", 2, 0, &[])]), at(1));
+        stats.record_at("honest", &report(vec![load(SVC, "v1", 3, 0, &[])]), at(1));
+        let f = stats.figures_at(&ask("payment", 60, false), at(1));
+        assert_eq!((f.versions.len(), f.versions[0].requests), (1, 3));
+        assert_eq!(stats.figures_at(&ask("fake0", 60, false), at(1)).versions[0].requests, 3);
+        // Once its series went idle and were dropped, it may create new ones again.
+        stats.record_at("honest", &report(vec![load(SVC, "v1", 1, 0, &[])]), at(901));
+        assert_eq!(stats.series_count(), 1);
+        stats.record_at("greedy", &report(made_up[..3].to_vec()), at(902));
+        assert_eq!(stats.series_count(), 4);
+    }
+
+    #[test]
+    fn accepted_reports_keep_their_valid_entries_and_count_the_rest() {
+        let stats = LoadStats::new();
+        // Over the entry cap: the first MAX_REPORT_ENTRIES are recorded.
+        let many: Vec<pb::VersionLoad> = (0..MAX_REPORT_ENTRIES + 7)
+            .map(|i| load(&format!("s{i:04}.default.svc.cluster.local"), "v1", 1, 0, &[1]))
+            .collect();
+        stats.accept_at("big", &report(many), at(0));
+        assert_eq!(stats.series_count(), MAX_REPORT_ENTRIES);
+        assert_eq!(stats.rejected_reports(), [("too_many_entries", 1), ("malformed", 0)]);
+        // Malformed entries are dropped, the valid ones of the same report recorded.
+        let long = "x".repeat(MAX_NAME_LEN + 1);
+        let mixed = report(vec![
+            load("", "v1", 1, 0, &[]),
+            load(SVC, &long, 1, 0, &[]),
+            load(SVC, "v1", 4, 1, &[1; BUCKETS + 1]),
+            load(SVC, "v2", 5, 0, &[5]),
+        ]);
+        stats.accept_at("mixed", &mixed, at(0));
+        assert_eq!(stats.rejected_reports(), [("too_many_entries", 1), ("malformed", 1)]);
+        let f = stats.figures_at(&ask("payment", 60, false), at(0));
+        let versions: Vec<(&str, u64)> = f.versions.iter().map(|v| (v.version.as_str(), v.requests)).collect();
+        assert_eq!(versions, [("v2", 5)]);
+        // A good report counts nothing.
+        stats.accept_at("good", &report(vec![load(SVC, "v1", 1, 0, &[1])]), at(0));
+        assert_eq!(stats.rejected_reports(), [("too_many_entries", 1), ("malformed", 1)]);
+        assert_eq!(stats.reports_total(), 3);
+    }
+
+    #[test]
+    fn packed_seconds_give_back_their_counts() {
+        let mut counts = Counts { classes: [0, 1, 127, 128, u64::MAX, 300], ..Counts::default() };
+        counts.buckets[0] = 5;
+        counts.buckets[7] = 1 << 40;
+        let packed = counts.pack();
+        assert_eq!(packed.unpack(), counts);
+        assert!(packed.0.len() < 40, "{} bytes", packed.0.len());
+        assert_eq!(Counts::default().pack().unpack(), Counts::default());
+        assert_eq!(Counts::default().pack().0.len(), 6);
+    }
+
+    #[test]
+    fn seconds_seal_in_order_and_a_clock_step_back_adds_to_the_old_second() {
+        let stats = LoadStats::new();
+        for (s, n) in [(5, 1), (6, 2), (6, 3), (8, 4), (6, 10), (7, 20)] {
+            stats.record_at("a", &report(vec![load(SVC, "v1", n, 0, &[n])]), at(s));
+        }
+        let f = stats.figures_at(&ask("payment", 4, true), at(8));
+        let counts: Vec<u64> = f.versions[0].series.iter().map(|p| p.requests).collect();
+        assert_eq!(counts, [1, 15, 20, 4]);
+        assert_eq!(f.versions[0].reporters, 1);
     }
 
     #[test]

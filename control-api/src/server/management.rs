@@ -59,15 +59,22 @@ impl ManagementService {
             ),
             None => None,
         };
-        Ok(pb::ChangeResult {
+        Ok(pb::ChangeResult { ack, ..change.into() })
+    }
+}
+
+/// A store change as the management API reports it (without the ACKs).
+impl From<super::Change> for pb::ChangeResult {
+    fn from(change: super::Change) -> pb::ChangeResult {
+        pb::ChangeResult {
             type_url: change.ty.type_url().to_string(),
             version: change.version.to_string(),
             changed: change.changed,
             weights: change.weights.into_iter().collect(),
             stable_subset: change.stable_subset,
             resources: change.resources,
-            ack,
-        })
+            ack: None,
+        }
     }
 }
 

@@ -49,6 +49,7 @@ pub use canary::{
     CANARY_STATE_FILE, CanaryError, CanaryManager, CanaryOptions, CanaryService, FieldError, Figures, FiguresSource,
     NoFigures,
 };
+pub use hosts::fqdn;
 pub use load::{
     BUCKET_BOUNDS_MS, BUCKETS, DEFAULT_WINDOW, HISTORY, LoadService, LoadStats, MAX_NAME_LEN, MAX_REPORT_ENTRIES,
     MAX_SERIES, check_report, quantile,
@@ -57,7 +58,7 @@ pub use management::{DEFAULT_WAIT, MAX_WAIT, ManagementService};
 pub use persist::STATE_FILE;
 pub use status::{NoopObserver, Observer};
 pub(crate) use store::Document;
-pub use store::{Change, SourceDocument, Store, StoredResource, TypeSnapshot, parse_documents};
+pub use store::{Change, SetWeightsIfError, SourceDocument, Store, StoredResource, TypeSnapshot, parse_documents};
 pub use tls::{SERVING_DNS_NAMES, SERVING_IPS, TlsServeError};
 pub use weights::{STABLE_LABEL, STABLE_SUBSET_KEY};
 

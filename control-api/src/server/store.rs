@@ -104,6 +104,28 @@ pub struct Change {
     pub resources: Vec<String>,
 }
 
+/// Why [`Store::set_weights_if`] changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum SetWeightsIfError {
+    /// The weights in force are not the ones expected: someone else changed them.
+    #[error(
+        "weights changed outside the analysis: {service} is at {}, expected {}",
+        weights::describe(current),
+        expected.iter().map(weights::describe).collect::<Vec<_>>().join(" or ")
+    )]
+    Changed {
+        /// The service.
+        service: String,
+        /// The weights in force (subset → percentage).
+        current: BTreeMap<String, u32>,
+        /// The weights that were expected (any of them).
+        expected: Vec<BTreeMap<String, u32>>,
+    },
+    /// The store refused the weights themselves.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
 /// The mesh config: base documents (from the config folder), the weights set through
 /// the API on top, and a version per resource type.
 ///
@@ -271,12 +293,46 @@ impl Store {
         self.change(service, weights, "rollback")
     }
 
+    /// [`Store::set_weights`] only when the weights of `service` in force are one of
+    /// `expected` (compare-and-set, checked and written under the store's lock; a
+    /// subset missing from a split reads as 0). Otherwise nothing changes and the
+    /// error is [`SetWeightsIfError::Changed`] with the weights in force. What the
+    /// canary analysis uses, so that a manual `set-weight` or `rollback` landing
+    /// between its read and its write is never overwritten silently.
+    pub fn set_weights_if(
+        &self,
+        service: &str,
+        expected: &[BTreeMap<String, u32>],
+        weights: &BTreeMap<String, u32>,
+    ) -> Result<Change, SetWeightsIfError> {
+        let mut inner = self.lock();
+        let current = weights::current(&inner.effective, service.trim());
+        if !expected.iter().any(|e| same_split(&current, e)) {
+            return Err(SetWeightsIfError::Changed {
+                service: service.trim().to_string(),
+                current,
+                expected: expected.to_vec(),
+            });
+        }
+        Ok(self.change_locked(&mut inner, service, weights.clone(), "canary")?)
+    }
+
     fn change(&self, service: &str, weights: BTreeMap<String, u32>, source: &str) -> Result<Change, StoreError> {
+        let mut inner = self.lock();
+        self.change_locked(&mut inner, service, weights, source)
+    }
+
+    fn change_locked(
+        &self,
+        inner: &mut Inner,
+        service: &str,
+        weights: BTreeMap<String, u32>,
+        source: &str,
+    ) -> Result<Change, StoreError> {
         let service = service.trim();
         if service.is_empty() {
             return Err(StoreError::NoService);
         }
-        let mut inner = self.lock();
         // Checked and edited on the config in force, so an error names today's problem.
         let mut edited_docs = inner.effective.clone();
         let (subsets, edited) = weights::apply(&mut edited_docs, service, &weights)?;
@@ -290,7 +346,7 @@ impl Store {
         });
         // The same result, rebuilt from the base as a restart would, with its notes.
         let (effective, warnings) = apply_overrides(&inner.base, &overrides);
-        let version = self.commit(&mut inner, effective, overrides, Some(warnings))?;
+        let version = self.commit(inner, effective, overrides, Some(warnings))?;
         let (version, changed) = version[&ResourceType::Routes];
         Ok(Change {
             ty: ResourceType::Routes,

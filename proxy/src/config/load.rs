@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
+use serin_control_api::server::canary::spec::{self as canary_spec, FieldError};
 
 use super::error::{ConfigError, ConfigErrors, Sink};
 use super::model::{Envelope, LoadedResource, Resource};
@@ -175,8 +176,13 @@ fn load_document(origin: &str, doc: Document<'_>, set: &mut ConfigSet, errors: &
         "Canary" if api.split('/').next() == Some("flagger.app") => {
             let r = typed::<serde_json::Value>(origin, doc, &display, errors).map(Resource::NotApplied);
             if r.is_some() {
+                let name = header.name();
+                let (namespace, name) = name.split_once('/').unwrap_or(("default", name.as_str()));
+                if let Err(e) = check_canary(doc, namespace, name) {
+                    return errors.push(bad(&e.field, e.message));
+                }
                 set.warnings.push(format!(
-                    "{origin}: {display}: kind Canary is run by the control plane's canary analysis, not by a proxy (serin control-plane checks its spec when it loads it)"
+                    "{origin}: {display}: kind Canary is run by the control plane's canary analysis, not by a proxy (its fields are checked here; its service and subsets when the control plane loads it)"
                 ));
             }
             r
@@ -218,6 +224,15 @@ fn load_document(origin: &str, doc: Document<'_>, set: &mut ConfigSet, errors: &
         }
         set.resources.push(LoadedResource { file: origin.to_string(), line: doc.first_line, resource });
     }
+}
+
+/// Checks a `Canary` document's fields as the control plane reads them (its service and
+/// subsets are checked there, against the mesh config).
+fn check_canary(doc: Document<'_>, namespace: &str, name: &str) -> Result<(), FieldError> {
+    let tree = serin_control_api::yaml::parse_document(doc.content())
+        .map_err(|e| FieldError { field: String::new(), message: e.to_string() })?
+        .unwrap_or_default();
+    canary_spec::parse_document(&tree, namespace, name).map(|_| ())
 }
 
 fn typed<S: DeserializeOwned>(

@@ -8,8 +8,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use serin_control_api::ResourceType;
 use serin_control_api::pb;
+use serin_control_api::server::canary::spec::steps;
+use serin_control_api::server::fqdn;
 
-use super::backend::{ActionError, DashboardBackend, ServiceConfig, fqdn};
+use super::backend::{ActionError, DashboardBackend, ServiceConfig};
+use crate::ctl::sync_state_name;
 
 /// The default window of the current figures (the numbers): the last minute, the
 /// control plane's own default window (`serin ctl load`'s too).
@@ -367,16 +370,6 @@ fn fill_shares(service: &mut ServiceView, len: usize) {
     }
 }
 
-fn state_name(state: i32) -> &'static str {
-    match pb::SyncState::try_from(state) {
-        Ok(pb::SyncState::Synced) => "SYNCED",
-        Ok(pb::SyncState::Stale) => "STALE",
-        Ok(pb::SyncState::Nacked) => "NACKED",
-        Ok(pb::SyncState::NotSent) => "NOT SENT",
-        _ => "?",
-    }
-}
-
 fn sidecar_view(proxy: &pb::ProxyStatus) -> SidecarView {
     let node = proxy.node.clone().unwrap_or_default();
     let workload =
@@ -395,7 +388,7 @@ fn sidecar_view(proxy: &pb::ProxyStatus) -> SidecarView {
                 let version = if t.acked_version.is_empty() { &t.sent_version } else { &t.acked_version };
                 TypeView {
                     ty: ty.short_name().to_string(),
-                    state: state_name(t.state).to_string(),
+                    state: sync_state_name(t.state).to_string(),
                     version: Some(version.clone()).filter(|v| !v.is_empty()),
                     push_to_ack_ms: t.push_to_ack_ms,
                     last_nack: Some(&t.last_nack_error)
@@ -425,27 +418,6 @@ fn phase_name(phase: i32) -> &'static str {
     }
 }
 
-/// The weights a spec steps through: `stepWeights`, else `stepWeight` up to
-/// `maxWeight`.
-fn steps_of(spec: &pb::CanarySpec) -> Vec<u32> {
-    if !spec.step_weights.is_empty() {
-        return spec.step_weights.clone();
-    }
-    if spec.step_weight == 0 {
-        return Vec::new();
-    }
-    let mut steps = Vec::new();
-    let mut w = spec.step_weight;
-    while w < spec.max_weight && steps.len() < 100 {
-        steps.push(w);
-        w += spec.step_weight;
-    }
-    if spec.max_weight > 0 {
-        steps.push(spec.max_weight);
-    }
-    steps
-}
-
 fn canary_view(status: &pb::CanaryStatus) -> CanaryView {
     let spec = status.spec.clone().unwrap_or_default();
     let phase = phase_name(status.phase);
@@ -459,7 +431,7 @@ fn canary_view(status: &pb::CanaryStatus) -> CanaryView {
         running: matches!(phase, "INITIALIZED" | "PROGRESSING"),
         weight: status.weight,
         step: status.step,
-        steps: steps_of(&spec),
+        steps: steps(&spec),
         max_weight: spec.max_weight,
         failed_checks: status.failed_checks,
         threshold: spec.threshold,
@@ -626,11 +598,13 @@ mod tests {
     }
 
     #[test]
-    fn steps_come_from_step_weight_or_step_weights() {
+    fn steps_are_the_control_planes() {
+        let view = |spec: pb::CanarySpec| canary_view(&pb::CanaryStatus { spec: Some(spec), ..Default::default() });
         let spec = pb::CanarySpec { step_weight: 20, max_weight: 50, ..Default::default() };
-        assert_eq!(steps_of(&spec), vec![20, 40, 50]);
+        assert_eq!(view(spec.clone()).steps, vec![20, 40, 50]);
+        assert_eq!(view(spec.clone()).steps, steps(&spec));
         let spec = pb::CanarySpec { step_weights: vec![5, 10, 25, 50], max_weight: 50, ..Default::default() };
-        assert_eq!(steps_of(&spec), vec![5, 10, 25, 50]);
+        assert_eq!(view(spec).steps, vec![5, 10, 25, 50]);
     }
 
     #[test]

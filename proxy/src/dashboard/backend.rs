@@ -115,16 +115,9 @@ impl<T: DashboardBackend + ?Sized> DashboardBackend for Arc<T> {
     }
 }
 
-/// The fully qualified form of a host written in `namespace` (Kubernetes short names).
-pub fn fqdn(host: &str, namespace: &str) -> String {
-    let host = host.trim_end_matches('.').to_ascii_lowercase();
-    match host.matches('.').count() {
-        0 => format!("{host}.{namespace}.svc.cluster.local"),
-        1 => format!("{host}.svc.cluster.local"),
-        2 if host.ends_with(".svc") => format!("{host}.cluster.local"),
-        _ => host,
-    }
-}
+/// The fully qualified form of a host written in `namespace` (Kubernetes short names):
+/// the control plane's own.
+pub use serin_control_api::server::fqdn;
 
 #[derive(Deserialize)]
 struct DestinationRule {
@@ -179,19 +172,6 @@ pub fn services_of(documents: &[&str]) -> Vec<(String, Vec<String>)> {
     out
 }
 
-/// A store change as the management API reports it.
-fn change_result(change: Change, ack: Option<pb::AckResult>) -> pb::ChangeResult {
-    pb::ChangeResult {
-        type_url: change.ty.type_url().to_string(),
-        version: change.version.to_string(),
-        changed: change.changed,
-        weights: change.weights.into_iter().collect(),
-        stable_subset: change.stable_subset,
-        resources: change.resources,
-        ack,
-    }
-}
-
 /// Runs a store change off the runtime (it writes the state file), then waits for
 /// the ACKs of the sidecars subscribed to the service (up to [`DEFAULT_WAIT`]).
 async fn change<F>(plane: &ControlPlane, service: String, f: F) -> Result<pb::ChangeResult, ActionError>
@@ -205,7 +185,8 @@ where
         .map_err(|e| ActionError::internal(format!("the change did not finish: {e}")))?
         .map_err(ActionError::from_store)?;
     let ack = plane.wait_for_ack(change.ty, change.version, Some(&service), DEFAULT_WAIT).await;
-    Ok(change_result(change, Some(ack)))
+    // As the management API reports it.
+    Ok(pb::ChangeResult { ack: Some(ack), ..change.into() })
 }
 
 impl DashboardBackend for ControlPlane {

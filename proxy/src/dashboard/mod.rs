@@ -4,7 +4,9 @@
 //! as numbers and as five-minute charts, the connected sidecars' sync state (as
 //! `serin ctl status`), the canary analyses, and set-weight and rollback forms.
 //!
-//! The page polls `GET /api/overview` once a second (see `docs/dashboard.md`). The two
+//! The page polls `GET /api/overview` once a second (see `docs/dashboard.md`). The
+//! overview is put together off the runtime threads (`spawn_blocking`) at most once per
+//! [`OVERVIEW_TTL`] and window, however many pages poll: they share the answer. The two
 //! write actions, `POST /api/services/{service}/weights` and
 //! `POST /api/services/{service}/rollback`, need the admin token of
 //! `--admin-token-file` as `Authorization: Bearer …`: without a configured token they
@@ -17,12 +19,13 @@ mod api;
 mod auth;
 mod backend;
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, WWW_AUTHENTICATE};
@@ -49,6 +52,8 @@ pub const DEFAULT_UI_ADDR: &str = "127.0.0.1:15016";
 pub const MAX_BODY: usize = 16 * 1024;
 /// Time allowed for a client to send a request's headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one computed overview answers every page asking for the same window.
+pub const OVERVIEW_TTL: Duration = Duration::from_secs(1);
 
 const INDEX_HTML: &str = include_str!("assets/index.html");
 const APP_JS: &str = include_str!("assets/app.js");
@@ -116,6 +121,37 @@ pub struct Dashboard {
     backend: Arc<dyn DashboardBackend>,
     token: Option<AdminToken>,
     loopback_hosts_only: bool,
+    overviews: OverviewCache,
+}
+
+/// One overview's JSON, computed once by the first page that asks and shared by the
+/// pages asking while it is being computed and for [`OVERVIEW_TTL`] after.
+type SharedOverview = Arc<tokio::sync::OnceCell<Bytes>>;
+
+/// The overviews computed lately, by window (seconds).
+#[derive(Default)]
+struct OverviewCache(Mutex<HashMap<u64, (Instant, SharedOverview)>>);
+
+impl OverviewCache {
+    /// The entry of `window`: the current one if it is fresh, else a new (empty) one.
+    fn entry(&self, window: u64) -> SharedOverview {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if let Some((at, shared)) = map.get(&window)
+            && now.duration_since(*at) < OVERVIEW_TTL
+        {
+            return Arc::clone(shared);
+        }
+        map.retain(|_, (at, _)| now.duration_since(*at) < OVERVIEW_TTL);
+        let shared = SharedOverview::default();
+        map.insert(window, (now, Arc::clone(&shared)));
+        shared
+    }
+
+    /// Forgets every overview (after a change the next page must see).
+    fn clear(&self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
 }
 
 impl std::fmt::Debug for Dashboard {
@@ -127,7 +163,7 @@ impl std::fmt::Debug for Dashboard {
 impl Dashboard {
     /// A dashboard over `backend`; set-weight and rollback act only with a `token`.
     pub fn new(backend: Arc<dyn DashboardBackend>, token: Option<AdminToken>) -> Dashboard {
-        Dashboard { backend, token, loopback_hosts_only: false }
+        Dashboard { backend, token, loopback_hosts_only: false, overviews: OverviewCache::default() }
     }
 
     /// The same dashboard answering only requests whose `Host` is a loopback address or
@@ -156,7 +192,7 @@ impl Dashboard {
             "/" | "/index.html" | "/app.js" | "/style.css" if read => asset(&path),
             "/" | "/index.html" | "/app.js" | "/style.css" => method_not_allowed("GET, HEAD", false),
             "/api/overview" if read => match api::window_of(req.uri().query()) {
-                Ok(window) => json(StatusCode::OK, &api::overview(self.backend.as_ref(), self.token.is_some(), window)),
+                Ok(window) => self.overview(window).await,
                 Err(e) => error(e.status, e.message),
             },
             "/api/overview" => method_not_allowed("GET, HEAD", true),
@@ -166,6 +202,31 @@ impl Dashboard {
                 None if path.starts_with("/api/") => error(StatusCode::NOT_FOUND, format!("no API at {path}")),
                 None => not_found(),
             },
+        }
+    }
+
+    /// `GET /api/overview`: the shared overview of `window`, computed off the runtime
+    /// threads when none is fresh.
+    async fn overview(&self, window: Duration) -> Response<Full<Bytes>> {
+        let shared = self.overviews.entry(window.as_secs());
+        let backend = Arc::clone(&self.backend);
+        let writes_enabled = self.token.is_some();
+        let computed = shared
+            .get_or_try_init(|| async move {
+                tokio::task::spawn_blocking(move || {
+                    serde_json::to_vec(&api::overview(backend.as_ref(), writes_enabled, window)).map(Bytes::from)
+                })
+                .await
+                .map_err(|e| format!("the overview was not computed: {e}"))?
+                .map_err(|e| format!("JSON encoding failed: {e}"))
+            })
+            .await;
+        match computed {
+            Ok(body) => respond(StatusCode::OK, "application/json", body.clone(), true),
+            Err(e) => {
+                tracing::error!(error = %e, "dashboard: overview");
+                error(StatusCode::INTERNAL_SERVER_ERROR, e)
+            }
         }
     }
 
@@ -201,6 +262,8 @@ impl Dashboard {
         };
         match result {
             Ok(result) => {
+                // The next overview shows the change.
+                self.overviews.clear();
                 let view = api::action_view(&service, action.name(), result);
                 tracing::info!(service, action = action.name(), message = %view.message, "dashboard: done");
                 json(StatusCode::OK, &view)
@@ -398,6 +461,61 @@ mod tests {
         assert!(ok("127.0.0.2"));
         assert!(!ok("evil.example:15016") && !ok("10.0.0.1:15016") && !ok("[2001:db8::1]:80"));
         assert!(!loopback_host(None));
+    }
+
+    /// A backend that counts the overviews put together.
+    #[derive(Default)]
+    struct Counting(std::sync::atomic::AtomicUsize);
+
+    impl DashboardBackend for Counting {
+        fn status(&self) -> serin_control_api::pb::Status {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Default::default()
+        }
+        fn load(&self, _: Duration, _: bool) -> serin_control_api::pb::LoadFigures {
+            Default::default()
+        }
+        fn canaries(&self) -> serin_control_api::pb::CanaryList {
+            Default::default()
+        }
+        fn services(&self) -> Vec<ServiceConfig> {
+            Vec::new()
+        }
+        fn set_weights(
+            &self,
+            _: String,
+            _: std::collections::BTreeMap<String, u32>,
+        ) -> BoxFuture<'_, Result<serin_control_api::pb::ChangeResult, ActionError>> {
+            Box::pin(async { Ok(Default::default()) })
+        }
+        fn rollback(&self, _: String) -> BoxFuture<'_, Result<serin_control_api::pb::ChangeResult, ActionError>> {
+            Box::pin(async { Ok(Default::default()) })
+        }
+    }
+
+    #[tokio::test]
+    async fn pages_polling_together_share_one_overview_and_a_change_refreshes_it() {
+        let backend = Arc::new(Counting::default());
+        let dashboard = Dashboard::new(backend.clone(), Some(AdminToken::new("0123456789abcdef").expect("token")));
+        let get = |uri: &str| Request::get(uri).body(Full::new(Bytes::new())).expect("request");
+        let computed = || backend.0.load(std::sync::atomic::Ordering::SeqCst);
+        let answers = futures_util::future::join_all((0..8).map(|_| dashboard.handle(get("/api/overview")))).await;
+        assert!(answers.iter().all(|a| a.status() == StatusCode::OK));
+        assert_eq!(computed(), 1, "eight pages, one computation");
+        dashboard.handle(get("/api/overview")).await;
+        assert_eq!(computed(), 1, "still fresh");
+        dashboard.handle(get("/api/overview?window=300")).await;
+        assert_eq!(computed(), 2, "another window is another overview");
+        let rollback = Request::post("/api/services/payment/rollback")
+            .header(http::header::AUTHORIZATION, "Bearer 0123456789abcdef")
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        assert_eq!(dashboard.handle(rollback).await.status(), StatusCode::OK);
+        dashboard.handle(get("/api/overview")).await;
+        assert_eq!(computed(), 3, "a change is seen at once");
+        tokio::time::sleep(OVERVIEW_TTL + Duration::from_millis(50)).await;
+        dashboard.handle(get("/api/overview?window=300")).await;
+        assert_eq!(computed(), 4, "a stale overview is computed again");
     }
 
     #[test]

@@ -142,6 +142,13 @@ pub struct Pending {
     pub message: String,
     /// The figures the decision was made on.
     pub figures: Vec<Figures>,
+    /// The weights this change replaces (what the analysis set last or, for the first
+    /// step, the service's weights when the analysis started). The weight is applied
+    /// only while the service is at these weights or already at the pending ones
+    /// ([`Store::set_weights_if`](crate::server::Store::set_weights_if)); absent in
+    /// files written before it existed (then applied unconditionally).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<BTreeMap<String, u32>>,
 }
 
 /// How an applied weight went, as the runner reports it.
@@ -159,10 +166,23 @@ pub struct ApplyOutcome {
     pub nacked: Vec<String>,
     /// Sidecars that did not answer in time.
     pub waiting: Vec<String>,
+    /// The weights in force were not the ones the change replaces (a manual
+    /// `set-weight`, `rollback` or `reset-weights` landed in between): what the store
+    /// said. A step, the first weight or a promotion is then not applied; a rollback
+    /// still is, unless the canary already has no traffic.
+    pub changed_outside: Option<String>,
+    /// Nothing was written: a rollback found the canary already without traffic.
+    pub skipped: bool,
+    /// The service's weights in force after the attempt (subset → percentage), as the
+    /// store says; empty when not read.
+    pub weights_in_force: BTreeMap<String, u32>,
 }
 
 impl ApplyOutcome {
     fn describe(&self) -> String {
+        if self.skipped {
+            return format!("nothing written, the weights in force are {}", describe(&self.weights_in_force));
+        }
         if self.total == 0 && self.nacked.is_empty() && self.waiting.is_empty() {
             return format!("routes version {}; no connected sidecar subscribes to the service", self.version);
         }
@@ -280,9 +300,31 @@ impl AnalysisState {
             next_check_unix_ms: 0,
             last_figures: Vec::new(),
             events: VecDeque::new(),
-            applying: Some(Pending { kind: PendingKind::Start, weight: first, step: 0, message, figures: Vec::new() }),
+            applying: Some(Pending {
+                kind: PendingKind::Start,
+                weight: first,
+                step: 0,
+                message,
+                figures: Vec::new(),
+                before: None,
+            }),
             spec,
         }
+    }
+
+    /// A new analysis of `spec` whose service's weights are `current` now: its first
+    /// weight is applied only while they still are (see [`Pending::before`]).
+    pub fn start_from(spec: pb::CanarySpec, now_ms: i64, current: BTreeMap<String, u32>) -> AnalysisState {
+        let mut state = AnalysisState::start(spec, now_ms);
+        if let Some(p) = state.applying.as_mut() {
+            p.before = Some(current);
+        }
+        state
+    }
+
+    /// A weight to record, replacing the weights the analysis set last.
+    fn pending(&self, kind: PendingKind, weight: u32, step: u32, message: String, figures: Vec<Figures>) -> Pending {
+        Pending { kind, weight, step, message, figures, before: Some(self.weights_for(self.weight)) }
     }
 
     /// True while the analysis has work to do: judging, or a weight to apply.
@@ -340,8 +382,8 @@ impl AnalysisState {
             .all(|k| current.get(k).copied().unwrap_or(0) == expected.get(k).copied().unwrap_or(0));
         if !same {
             let reason = format!(
-                "the weights of {} were changed outside the analysis (now {}, the analysis set {}): stopped, \
-                 weights left as they are",
+                "weights changed outside the analysis: {} is at {}, the analysis set {}; stopped, weights left \
+                 as they are",
                 self.spec.service,
                 describe(current),
                 describe(&expected)
@@ -378,56 +420,121 @@ impl AnalysisState {
                     );
                     // The figures are the failed-check event's: each judged interval's
                     // figures are in exactly one event.
-                    self.applying = Some(Pending {
-                        kind: PendingKind::Rollback,
-                        weight: 0,
-                        step: self.step,
-                        message: format!("rolling back: {reason}"),
-                        figures: Vec::new(),
-                    });
+                    self.applying = Some(self.pending(
+                        PendingKind::Rollback,
+                        0,
+                        self.step,
+                        format!("rolling back: {reason}"),
+                        Vec::new(),
+                    ));
                     self.reason = reason;
                 }
             }
             Verdict::Pass if at_max => {
                 let promote = self.spec.promote_weight.clamp(1, 100);
-                self.applying = Some(Pending {
-                    kind: PendingKind::Promote,
-                    weight: promote,
-                    step: self.step,
-                    message: format!(
-                        "checks passed at the max weight {}%: promoting, canary {} to {promote}% ({shown})",
-                        self.weight, self.spec.canary
-                    ),
-                    figures,
-                });
+                let message = format!(
+                    "checks passed at the max weight {}%: promoting, canary {} to {promote}% ({shown})",
+                    self.weight, self.spec.canary
+                );
+                self.applying = Some(self.pending(PendingKind::Promote, promote, self.step, message, figures));
             }
             Verdict::Pass => {
                 let next = self.step + 1;
                 let weight = steps.get(next as usize).copied().unwrap_or(self.spec.max_weight);
-                self.applying = Some(Pending {
-                    kind: PendingKind::Step,
-                    weight,
-                    step: next,
-                    message: format!("checks passed at {}%: canary to {weight}% ({shown})", self.weight),
-                    figures,
-                });
+                let message = format!("checks passed at {}%: canary to {weight}% ({shown})", self.weight);
+                self.applying = Some(self.pending(PendingKind::Step, weight, next, message, figures));
             }
         }
         true
     }
 
     /// Records how the recorded weight went: the phase, weight and step it stood for,
-    /// and its event. A step refused by a sidecar (NACK) turns into a rollback.
+    /// and its event.
+    ///
+    /// - A step (or the first weight, or the promotion) refused by a sidecar (NACK) or by
+    ///   the store turns into a rollback; the first weight refused by the store ends
+    ///   FAILED at once (nothing was written: the weights before the analysis stay).
+    /// - Weights changed outside the analysis between its decision and its write
+    ///   ([`ApplyOutcome::changed_outside`]): a step, first weight or promotion was not
+    ///   applied, the analysis is ABORTED and the manual weights stay; a rollback is
+    ///   still applied (its failure evidence stands and rolling back is the safe
+    ///   direction) unless the canary already has no traffic, and ends as due (FAILED, or
+    ///   ABORTED for `abort --rollback`).
     pub fn applied(&mut self, now_ms: i64, outcome: &ApplyOutcome) {
         let Some(pending) = self.applying.take() else { return };
         let confirm = outcome.describe();
+        let in_force = if outcome.weights_in_force.is_empty() {
+            format!("canary {} at {}%", self.spec.canary, self.weight)
+        } else {
+            describe(&outcome.weights_in_force)
+        };
+        let rollback = matches!(pending.kind, PendingKind::Rollback | PendingKind::AbortRollback);
+        if let Some(changed) = &outcome.changed_outside {
+            if !rollback {
+                let what = match pending.kind {
+                    PendingKind::Start => "first weight",
+                    PendingKind::Promote => "promotion",
+                    _ => "step",
+                };
+                let reason = format!(
+                    "{changed}; the {what} to {}% was not applied: stopped, weights left as they are ({in_force})",
+                    pending.weight
+                );
+                if let Some(w) = outcome.weights_in_force.get(&self.spec.canary) {
+                    self.weight = *w;
+                }
+                self.phase = Phase::Aborted;
+                self.next_check_unix_ms = 0;
+                self.reason = reason.clone();
+                self.push_event(now_ms, "aborted", reason, pending.figures);
+                return;
+            }
+            let note = if outcome.skipped {
+                format!("{changed}; the canary already has no traffic, so the rollback left them as they are")
+            } else {
+                format!("{changed}; rolled back anyway")
+            };
+            self.reason = if self.reason.is_empty() { note } else { format!("{}; {note}", self.reason) };
+        }
         if let Some(error) = &outcome.error {
-            let reason = format!("setting the canary's weight to {}% failed: {error}", pending.weight);
-            self.phase =
-                if matches!(pending.kind, PendingKind::AbortRollback) { Phase::Aborted } else { Phase::Failed };
-            self.reason = if self.reason.is_empty() { reason.clone() } else { format!("{}; {reason}", self.reason) };
-            self.next_check_unix_ms = 0;
-            self.push_event(now_ms, "error", reason, pending.figures);
+            match pending.kind {
+                PendingKind::Step | PendingKind::Promote => {
+                    let reason = format!(
+                        "setting the canary's weight to {}% failed: {error}; the weights in force are {in_force}; \
+                         rolling back",
+                        pending.weight
+                    );
+                    self.reason = reason.clone();
+                    self.push_event(now_ms, "error", reason.clone(), pending.figures);
+                    self.applying = Some(self.pending(
+                        PendingKind::Rollback,
+                        0,
+                        self.step,
+                        format!("rolling back: {reason}"),
+                        Vec::new(),
+                    ));
+                }
+                PendingKind::Start => {
+                    let reason = format!(
+                        "setting the canary's first weight {}% failed: {error}; nothing was applied, the weights in \
+                         force are {in_force}",
+                        pending.weight
+                    );
+                    self.phase = Phase::Failed;
+                    self.reason = reason.clone();
+                    self.next_check_unix_ms = 0;
+                    self.push_event(now_ms, "error", reason, pending.figures);
+                }
+                PendingKind::Rollback | PendingKind::AbortRollback => {
+                    let reason = format!("rolling back failed: {error}; the weights in force are {in_force}");
+                    self.phase =
+                        if matches!(pending.kind, PendingKind::Rollback) { Phase::Failed } else { Phase::Aborted };
+                    self.reason =
+                        if self.reason.is_empty() { reason.clone() } else { format!("{}; {reason}", self.reason) };
+                    self.next_check_unix_ms = 0;
+                    self.push_event(now_ms, "error", reason, pending.figures);
+                }
+            }
             return;
         }
         match pending.kind {
@@ -440,13 +547,13 @@ impl AnalysisState {
                 );
                 self.weight = pending.weight;
                 self.push_event(now_ms, "nacked", format!("{reason} ({confirm})"), pending.figures);
-                self.applying = Some(Pending {
-                    kind: PendingKind::Rollback,
-                    weight: 0,
-                    step: self.step,
-                    message: format!("rolling back: {reason}"),
-                    figures: Vec::new(),
-                });
+                self.applying = Some(self.pending(
+                    PendingKind::Rollback,
+                    0,
+                    self.step,
+                    format!("rolling back: {reason}"),
+                    Vec::new(),
+                ));
                 self.reason = reason;
             }
             PendingKind::Start => {
@@ -487,23 +594,83 @@ impl AnalysisState {
     /// Stops the analysis on request. With `rollback`, records the rollback weight
     /// (applied by the runner; ABORTED once applied); without, ABORTED now with the
     /// weights left as they are.
+    ///
+    /// A decision already recorded and not yet applied that is due whatever the
+    /// request is kept, and the runner applies it: a rollback (threshold reached, or a
+    /// refused step) ends FAILED as due, with or without `rollback`; a promotion ends
+    /// SUCCEEDED when no rollback is asked (with `rollback`, the abort's rollback
+    /// replaces it). A rollback already asked by an earlier abort stays.
     pub fn abort(&mut self, now_ms: i64, rollback: bool, why: &str) {
-        self.reason = why.to_string();
         self.next_check_unix_ms = 0;
+        let kept = match self.applying.as_ref().map(|p| p.kind) {
+            Some(PendingKind::Rollback) => Some("rollback"),
+            Some(PendingKind::AbortRollback) => Some("rollback"),
+            Some(PendingKind::Promote) if !rollback => Some("promotion"),
+            _ => None,
+        };
+        if let Some(what) = kept {
+            let message = format!("{why}: the {what} already decided is applied first");
+            self.reason = if self.reason.is_empty() { message.clone() } else { format!("{}; {message}", self.reason) };
+            self.push_event(now_ms, "abort-requested", message, Vec::new());
+            return;
+        }
+        self.reason = why.to_string();
         if rollback {
+            // The weights the rollback replaces: the analysis' own, or, when its first
+            // weight was never applied, the service's weights before it.
+            let before = match &self.applying {
+                Some(p) if p.kind == PendingKind::Start => p.before.clone(),
+                _ => Some(self.weights_for(self.weight)),
+            };
             self.applying = Some(Pending {
                 kind: PendingKind::AbortRollback,
                 weight: 0,
                 step: self.step,
                 message: format!("{why}; rolling back"),
                 figures: Vec::new(),
+                before,
             });
         } else {
+            let never_applied = self.applying.as_ref().is_some_and(|p| p.kind == PendingKind::Start);
             self.applying = None;
             self.phase = Phase::Aborted;
-            let message = format!("{why}; weights left as they are (canary {} at {}%)", self.spec.canary, self.weight);
+            let message = if never_applied {
+                format!("{why}; the first weight was never applied: weights left as they were")
+            } else {
+                format!("{why}; weights left as they are (canary {} at {}%)", self.spec.canary, self.weight)
+            };
             self.push_event(now_ms, "aborted", message, Vec::new());
         }
+    }
+
+    /// Notes that the decision recorded could not be saved to the state folder, so its
+    /// weight is not applied (a weight is applied only once its intent is saved).
+    /// The first weight: the analysis ends FAILED, nothing applied (returns false).
+    /// Later ones: the weight waits and the runner retries saving at the next
+    /// interval (returns true; one `save-failed` event per decision).
+    pub fn save_failed(&mut self, now_ms: i64, error: &str) -> bool {
+        let Some(pending) = self.applying.as_ref() else { return true };
+        if pending.kind == PendingKind::Start {
+            let reason = format!(
+                "the analysis could not be saved to the state folder ({error}): nothing was applied, the weights \
+                 stay as they were"
+            );
+            self.applying = None;
+            self.phase = Phase::Failed;
+            self.reason = reason.clone();
+            self.next_check_unix_ms = 0;
+            self.push_event(now_ms, "error", reason, Vec::new());
+            return false;
+        }
+        if self.events.back().is_none_or(|e| e.kind != "save-failed") {
+            let message = format!(
+                "saving the decision to set the canary to {}% failed ({error}): not applied until it is saved; \
+                 retrying at the next interval",
+                pending.weight
+            );
+            self.push_event(now_ms, "save-failed", message, Vec::new());
+        }
+        true
     }
 
     /// As the API gives it.
@@ -828,6 +995,149 @@ mod tests {
         assert_eq!(back.applying.as_ref().map(|p| p.kind), Some(PendingKind::Rollback), "the count went on");
         back.applied(22, &ok());
         assert_eq!(back.phase, Phase::Failed);
+    }
+
+    fn outside(current: &[(&str, u32)]) -> ApplyOutcome {
+        ApplyOutcome {
+            changed_outside: Some("weights changed outside the analysis: payment is at ...".into()),
+            weights_in_force: current.iter().map(|(k, v)| ((*k).to_string(), *v)).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn recorded_weights_carry_the_weights_they_replace() {
+        let s = AnalysisState::start_from(spec(), 1, [("v1".to_string(), 80), ("v3".to_string(), 20)].into());
+        assert_eq!(
+            s.applying.as_ref().and_then(|p| p.before.clone()),
+            Some([("v1".into(), 80), ("v3".into(), 20)].into())
+        );
+        let mut s = started(spec());
+        tick(&mut s, good());
+        assert_eq!(s.applying.as_ref().and_then(|p| p.before.clone()), Some(s.weights_for(10)));
+    }
+
+    #[test]
+    fn a_step_over_weights_changed_outside_aborts_and_leaves_them() {
+        let mut s = started(spec());
+        tick(&mut s, good());
+        s.applied(11, &outside(&[("v1", 100), ("v2", 0)]));
+        assert_eq!((s.phase, s.weight, s.applying.is_none()), (Phase::Aborted, 0, true));
+        assert!(s.reason.contains("weights changed outside the analysis"), "{}", s.reason);
+        assert!(s.reason.contains("step to 20% was not applied"), "{}", s.reason);
+        assert!(!s.running());
+    }
+
+    #[test]
+    fn the_analysis_rollback_still_happens_over_weights_changed_outside() {
+        let failing = || {
+            let mut s = started(pb::CanarySpec { threshold: 1, ..spec() });
+            tick(&mut s, figs("v2", 100, 50.0, 20.0));
+            assert_eq!(s.applying.as_ref().map(|p| p.kind), Some(PendingKind::Rollback));
+            s
+        };
+        // Someone raised the canary meanwhile: the rollback is written anyway.
+        let mut s = failing();
+        s.applied(11, &ApplyOutcome { acked: 1, total: 1, ..outside(&[("v1", 100), ("v2", 0)]) });
+        assert_eq!((s.phase, s.weight), (Phase::Failed, 0));
+        assert!(s.reason.contains("rolled back anyway"), "{}", s.reason);
+        // Someone rolled back meanwhile: nothing written, FAILED as due.
+        let mut s = failing();
+        s.applied(11, &ApplyOutcome { skipped: true, ..outside(&[("v1", 100), ("v2", 0)]) });
+        assert_eq!((s.phase, s.weight), (Phase::Failed, 0));
+        assert!(s.reason.contains("already has no traffic"), "{}", s.reason);
+    }
+
+    #[test]
+    fn a_step_the_store_refuses_rolls_back_and_says_what_is_in_force() {
+        let mut s = started(spec());
+        tick(&mut s, good());
+        let refused = ApplyOutcome {
+            error: Some("no VirtualService route sends traffic only to payment".into()),
+            weights_in_force: [("v1".to_string(), 90), ("v2".to_string(), 10)].into(),
+            ..Default::default()
+        };
+        s.applied(11, &refused);
+        let pending = s.applying.clone().expect("a rollback recorded");
+        assert_eq!((pending.kind, pending.weight), (PendingKind::Rollback, 0));
+        assert_eq!(pending.before, Some(s.weights_for(10)));
+        assert!(s.reason.contains("failed: no VirtualService route"), "{}", s.reason);
+        assert!(s.reason.contains("the weights in force are v1=90 v2=10"), "{}", s.reason);
+        s.applied(12, &ok());
+        assert_eq!((s.phase, s.weight), (Phase::Failed, 0));
+        // The rollback refused too: FAILED, saying which weights are in force.
+        let mut s = started(spec());
+        tick(&mut s, good());
+        s.applied(11, &refused);
+        s.applied(12, &refused);
+        assert_eq!((s.phase, s.applying.is_none()), (Phase::Failed, true));
+        assert!(s.reason.contains("rolling back failed"), "{}", s.reason);
+        assert!(s.reason.contains("v1=90 v2=10"), "{}", s.reason);
+        // The first weight refused: FAILED, nothing written, no rollback.
+        let mut s = AnalysisState::start(spec(), 1);
+        s.applied(2, &refused);
+        assert_eq!((s.phase, s.weight, s.applying.is_none()), (Phase::Failed, 0, true));
+        assert!(s.reason.contains("nothing was applied"), "{}", s.reason);
+    }
+
+    #[test]
+    fn an_abort_keeps_a_rollback_or_promotion_already_decided() {
+        // Threshold reached, rollback recorded, not applied: abort without rollback keeps it.
+        let mut s = started(pb::CanarySpec { threshold: 1, ..spec() });
+        tick(&mut s, figs("v2", 100, 50.0, 20.0));
+        s.abort(11, false, "aborted by ctl");
+        assert_eq!(s.applying.as_ref().map(|p| (p.kind, p.weight)), Some((PendingKind::Rollback, 0)));
+        assert!(s.running());
+        s.applied(12, &ok());
+        assert_eq!((s.phase, s.weight), (Phase::Failed, 0), "FAILED as due");
+        // With rollback too: still the analysis' rollback, FAILED.
+        let mut s = started(pb::CanarySpec { threshold: 1, ..spec() });
+        tick(&mut s, figs("v2", 100, 50.0, 20.0));
+        s.abort(11, true, "aborted by ctl");
+        assert_eq!(s.applying.as_ref().map(|p| p.kind), Some(PendingKind::Rollback));
+        s.applied(12, &ok());
+        assert_eq!(s.phase, Phase::Failed);
+        // A promotion recorded: kept without rollback, replaced with it.
+        let at_max = || {
+            let mut s = started(pb::CanarySpec { max_weight: 10, ..spec() });
+            tick(&mut s, good());
+            assert_eq!(s.applying.as_ref().map(|p| p.kind), Some(PendingKind::Promote));
+            s
+        };
+        let mut s = at_max();
+        s.abort(11, false, "aborted by ctl");
+        s.applied(12, &ok());
+        assert_eq!((s.phase, s.weight), (Phase::Succeeded, 100));
+        let mut s = at_max();
+        s.abort(11, true, "aborted by ctl");
+        assert_eq!(s.applying.as_ref().map(|p| p.kind), Some(PendingKind::AbortRollback));
+        // A step recorded: dropped, weights left.
+        let mut s = started(spec());
+        tick(&mut s, good());
+        s.abort(11, false, "aborted by ctl");
+        assert_eq!((s.phase, s.weight, s.applying.is_none()), (Phase::Aborted, 10, true));
+        // The first weight never applied, aborted with rollback: it replaces the
+        // weights the service had before.
+        let before: BTreeMap<String, u32> = [("v1".into(), 100)].into();
+        let mut s = AnalysisState::start_from(spec(), 1, before.clone());
+        s.abort(2, true, "aborted by ctl");
+        assert_eq!(s.applying.as_ref().and_then(|p| p.before.clone()), Some(before));
+    }
+
+    #[test]
+    fn a_decision_not_saved_is_not_applied() {
+        // The first weight: FAILED, nothing to apply.
+        let mut s = AnalysisState::start(spec(), 1);
+        assert!(!s.save_failed(2, "disk full"));
+        assert_eq!((s.phase, s.applying.is_none(), s.running()), (Phase::Failed, true, false));
+        assert!(s.reason.contains("disk full") && s.reason.contains("nothing was applied"), "{}", s.reason);
+        // A later step: kept for a retry, one event.
+        let mut s = started(spec());
+        tick(&mut s, good());
+        assert!(s.save_failed(11, "disk full"));
+        assert!(s.save_failed(12, "disk full"));
+        assert_eq!(s.applying.as_ref().map(|p| p.kind), Some(PendingKind::Step));
+        assert_eq!(s.events.iter().filter(|e| e.kind == "save-failed").count(), 1);
     }
 
     #[test]

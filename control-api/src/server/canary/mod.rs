@@ -24,9 +24,41 @@
 //! weights left) and starts a new one; a document removed leaves its analysis
 //! running (abort it with `serin ctl canary abort`).
 //!
+//! The weights the analysis sets give the canary its step's weight and the stable
+//! subset the rest: **any other subset of the route is set to 0** from the first
+//! step on (a route `v1=80 v3=20` analysed with canary `v2` becomes `v1=90 v2=10
+//! v3=0`), and stays at 0 after promotion or rollback.
+//!
 //! A manual `set-weight`, `rollback` or `reset-weights` of a service under analysis
 //! is noticed at the next interval (the weights are not what the analysis set) and
-//! stops the analysis as ABORTED with that reason; the manual weights stay.
+//! stops the analysis as ABORTED with that reason ("weights changed outside the
+//! analysis"); the manual weights stay. One landing between an analysis' decision
+//! and its write is caught too: every weight the analysis writes is a
+//! compare-and-set on the store ([`Store::set_weights_if`](super::Store::set_weights_if)),
+//! written only while the service is at the weights the decision replaces (or
+//! already at the decision's own, for a weight applied again after a restart). On a
+//! mismatch a step, the first weight or a promotion is not written and the
+//! analysis is ABORTED with the manual weights left; the analysis' own rollback
+//! (threshold reached, a refused step, `abort --rollback`) is still written, since
+//! its evidence stands and stable is the safe direction, unless the canary already
+//! has no traffic (then nothing is written); it ends as due (FAILED, or ABORTED for
+//! `abort --rollback`), the reason saying what happened.
+//!
+//! A weight the store refuses (a step or the promotion) fails the analysis and
+//! starts a rollback; the reason names the error and the weights in force. A first
+//! weight the store refuses fails the analysis with nothing written.
+//!
+//! Starting and aborting do not depend on the caller staying: `start` creates the
+//! analysis and its task together and only waits for the first weight (the task
+//! saves the analysis and applies it); `abort` runs as its own task. A `ctl` that
+//! goes away mid-way (Ctrl-C, a gRPC deadline) leaves a running analysis, never an
+//! entry without a task; an abort landing while the first weight is applied waits
+//! until it is, then stops that one task (one task per analysis at any time).
+//!
+//! A weight is applied only once the decision recording it is saved. When
+//! `canaries.json` cannot be written, a first weight is not applied and the analysis
+//! ends FAILED (the `start` call returns the error); a later decision waits and is
+//! saved again at the next interval (a `save-failed` event), applied only once saved.
 
 pub mod analysis;
 mod persist;
@@ -166,6 +198,9 @@ impl std::fmt::Debug for CanaryOptions {
 struct Entry {
     state: Mutex<AnalysisState>,
     task: Mutex<Option<Task>>,
+    /// Held while an abort (or a changed document) stops the task and changes the
+    /// state, so two of them never leave two runners.
+    control: tokio::sync::Mutex<()>,
 }
 
 struct Task {
@@ -174,6 +209,10 @@ struct Task {
 }
 
 impl Entry {
+    fn new(state: AnalysisState) -> Entry {
+        Entry { state: Mutex::new(state), task: Mutex::new(None), control: tokio::sync::Mutex::new(()) }
+    }
+
     fn state(&self) -> MutexGuard<'_, AnalysisState> {
         // Every change is made whole under the lock, so a poisoned one is usable.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -291,12 +330,21 @@ impl CanaryManager {
     /// mesh config, refused when one already runs on the service. Returns once the
     /// first step's weight is set and the sidecars answered (PROGRESSING at the first
     /// weight; the `started` event says who confirmed it), or at most the ACK timeout.
+    ///
+    /// The work does not depend on the caller: the entry and its runner are created
+    /// together, without an await in between, and the runner saves the analysis and
+    /// applies the first weight; this call only waits for it. A caller that goes away
+    /// (a client's Ctrl-C, a gRPC deadline) leaves a running analysis, never an entry
+    /// without a task. When the analysis cannot be saved, nothing is applied, the
+    /// analysis ends FAILED with the reason, and this returns the error.
     pub async fn start(self: &Arc<Self>, mut spec: pb::CanarySpec) -> Result<pb::CanaryStatus, CanaryError> {
         if spec.source.is_empty() {
             spec.source = "ctl".to_string();
         }
         let spec = self.shared.store.resolve_canary(spec)?;
-        let entry = {
+        // The weights the first step replaces: it is applied only while they hold.
+        let before = self.shared.store.weights(&spec.service);
+        let (entry, first) = {
             let mut entries = self.lock_entries();
             let k = key(&spec.service);
             if let Some(existing) = entries.get(&k) {
@@ -309,58 +357,77 @@ impl CanaryManager {
                     });
                 }
             }
-            let entry = Arc::new(Entry {
-                state: Mutex::new(AnalysisState::start(spec.clone(), now_ms())),
-                task: Mutex::new(None),
-            });
-            entries.insert(k, Arc::clone(&entry));
-            entry
-        };
-        if spec.source.starts_with("Canary/") {
-            let json = spec_json(&entry.state());
-            self.lock_documents().insert(spec.source.clone(), json);
-        }
-        tracing::info!(service = %spec.service, canary = %spec.canary, stable = %spec.stable, source = %spec.source, "canary analysis starting");
-        self.save().await?;
-        let first = {
-            let s = entry.state();
-            s.applying.as_ref().map(|p| s.weights_for(p.weight))
-        };
-        if let Some(weights) = first {
-            let outcome = runner::apply(self, &spec.service, weights).await;
-            if !*self.shared.closing.borrow() {
-                let mut s = entry.state();
-                // Unless an abort came in meanwhile (its rollback is then pending).
-                if s.applying.as_ref().is_some_and(|p| p.kind == analysis::PendingKind::Start) {
-                    s.applied(now_ms(), &outcome);
-                }
+            let entry = Arc::new(Entry::new(AnalysisState::start_from(spec.clone(), now_ms(), before)));
+            if spec.source.starts_with("Canary/") {
+                let json = spec_json(&entry.state());
+                self.lock_documents().insert(spec.source.clone(), json);
             }
-            self.save().await?;
+            tracing::info!(service = %spec.service, canary = %spec.canary, stable = %spec.stable, source = %spec.source, "canary analysis starting");
+            // Under the entries' lock: nobody finds the entry before its task is set.
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            self.spawn(&entry, false, Some(tx));
+            entries.insert(k, Arc::clone(&entry));
+            (entry, rx)
+        };
+        // Sent once the first weight was dealt with; dropped unsent when the runner
+        // stopped first (an abort, the control plane closing): the status says.
+        if let Ok(Err(e)) = first.await {
+            return Err(e);
         }
-        self.spawn(&entry);
         let status = entry.state().to_pb();
         Ok(status)
     }
 
     /// Stops the running analysis of `service`: ABORTED with the weights left as they
     /// are, or, with `rollback`, once the canary's weight 0 was applied and the
-    /// sidecars answered.
+    /// sidecars answered. A rollback or promotion already decided and not yet applied
+    /// is applied first and the analysis ends as it is due (FAILED, SUCCEEDED).
+    ///
+    /// Runs as its own task (this call waits for it), so a caller going away mid-way
+    /// never leaves the analysis stopped without its task.
     pub async fn abort(self: &Arc<Self>, service: &str, rollback: bool) -> Result<pb::CanaryStatus, CanaryError> {
         let entry = self.find(service).ok_or_else(|| CanaryError::NotFound { service: service.to_string() })?;
-        self.stop_task(&entry).await;
-        {
+        let manager = Arc::clone(self);
+        let task = tokio::spawn(async move {
+            manager.abort_entry(&entry, rollback, "aborted by `serin ctl canary abort`", true).await
+        });
+        task.await.map_err(|e| CanaryError::Io {
+            path: PathBuf::from(CANARY_STATE_FILE),
+            source: std::io::Error::other(format!("the abort did not finish: {e}")),
+        })?
+    }
+
+    /// Stops `entry`'s task, records the abort and, when a weight is left to apply
+    /// (the abort's rollback, or a decision kept), runs it (and, with `wait`, waits
+    /// until it is applied). When saving fails, the abort stands in memory and the
+    /// error is returned; a weight left to apply waits until it can be saved.
+    async fn abort_entry(
+        self: &Arc<Self>,
+        entry: &Arc<Entry>,
+        rollback: bool,
+        why: &str,
+        wait: bool,
+    ) -> Result<pb::CanaryStatus, CanaryError> {
+        let _control = entry.control.lock().await;
+        self.stop_task(entry).await;
+        let to_apply = {
             let mut s = entry.state();
             if !s.running() {
                 return Err(CanaryError::NotRunning { service: s.spec.service.clone(), phase: s.phase });
             }
-            s.abort(now_ms(), rollback, "aborted by `serin ctl canary abort`");
+            s.abort(now_ms(), rollback, why);
+            s.applying.is_some()
+        };
+        let saved = self.save().await;
+        if to_apply {
+            self.spawn(entry, saved.is_ok(), None);
+        } else {
+            self.ended.send_modify(|n| *n += 1);
         }
-        self.save().await?;
-        if rollback {
-            self.spawn(&entry);
-            self.join_task(&entry).await;
+        saved?;
+        if to_apply && wait {
+            self.join_task(entry).await;
         }
-        self.ended.send_modify(|n| *n += 1);
         let status = entry.state().to_pb();
         Ok(status)
     }
@@ -381,10 +448,13 @@ impl CanaryManager {
         }
     }
 
-    fn spawn(self: &Arc<Self>, entry: &Arc<Entry>) {
+    /// Starts the entry's runner. `intent_saved`: the state as it stands is already in
+    /// the state folder (else the runner saves it before applying anything).
+    fn spawn(self: &Arc<Self>, entry: &Arc<Entry>, intent_saved: bool, started: Option<runner::Started>) {
         let (stop, stop_rx) = watch::channel(false);
-        let handle = tokio::spawn(runner::run(Arc::clone(self), Arc::clone(entry), stop_rx));
-        *entry.task() = Some(Task { stop, handle });
+        let handle = tokio::spawn(runner::run(Arc::clone(self), Arc::clone(entry), stop_rx, intent_saved, started));
+        let previous = entry.task().replace(Task { stop, handle });
+        debug_assert!(previous.as_ref().is_none_or(|t| t.handle.is_finished()), "two runners for one analysis");
     }
 
     /// Writes every analysis to the state folder (when the store has one).
@@ -424,7 +494,7 @@ impl CanaryManager {
                     state.resumed(now_ms());
                 }
                 let running = state.running();
-                let entry = Arc::new(Entry { state: Mutex::new(state), task: Mutex::new(None) });
+                let entry = Arc::new(Entry::new(state));
                 let k = key(&entry.state().spec.service);
                 entries.insert(k, Arc::clone(&entry));
                 if running {
@@ -433,7 +503,7 @@ impl CanaryManager {
             }
         }
         for entry in &resumed {
-            self.spawn(entry);
+            self.spawn(entry, true, None);
         }
         *started = true;
         drop(started);
@@ -470,15 +540,14 @@ impl CanaryManager {
                     (s.running(), s.spec.source.clone())
                 };
                 if running && source == spec.source {
-                    self.stop_task(&entry).await;
-                    let still_running = {
-                        let mut s = entry.state();
-                        if s.running() {
-                            s.abort(now_ms(), false, &format!("{} changed: a new analysis starts", spec.source));
-                        }
-                        s.running()
-                    };
-                    if still_running {
+                    let why = format!("{} changed: a new analysis starts", spec.source);
+                    match self.abort_entry(&entry, false, &why, false).await {
+                        Ok(_) | Err(CanaryError::NotRunning { .. }) => {}
+                        Err(e) => tracing::error!(canary = %spec.source, error = %e, "saving the canary state failed"),
+                    }
+                    // A rollback or promotion already decided is applied first; the
+                    // document starts once it has (`ended`).
+                    if entry.state().running() {
                         continue;
                     }
                 } else if running {

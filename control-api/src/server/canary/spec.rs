@@ -21,10 +21,15 @@
 //!   serin:                                 # all optional
 //!     canarySubset: v2                     # default: the non-stable one of two subsets
 //!     stableSubset: v1                     # default: the one rollback sends traffic to
-//!     minRequests: 10                      # fewer canary requests in an interval: no judgement
-//!     promoteWeight: 100                   # the canary's weight after promotion
+//!     minRequests: 10                      # fewer canary requests in an interval: no judgement (≥ 1)
+//!     promoteWeight: 100                   # the canary's weight after promotion (maxWeight to 100)
 //!     maxSuccessDrop: 1                    # fail when the canary's success rate is > 1 point below stable's
 //! ```
+//!
+//! `minRequests` and `promoteWeight`: absent = the default (10, 100); an explicit 0 is
+//! an error naming the field, as `--min-requests 0` and `--promote-weight 0` are for
+//! `serin ctl canary start`. A promote weight below the max weight is an error too
+//! (promotion would lower the canary's weight).
 //!
 //! Flagger fields serin does not implement (webhooks, alerts, iterations, match,
 //! mirror, stepWeightPromotion, skipAnalysis, progressDeadlineSeconds, custom metrics,
@@ -426,6 +431,7 @@ impl Source {
             Field::MinSuccess => ("spec.analysis.metrics[request-success-rate].thresholdRange.min", "--min-success"),
             Field::MaxP99 => ("spec.analysis.metrics[request-duration].thresholdRange.max", "--max-p99"),
             Field::PromoteWeight => ("spec.serin.promoteWeight", "--promote-weight"),
+            Field::MinRequests => ("spec.serin.minRequests", "--min-requests"),
             Field::MaxSuccessDrop => ("spec.serin.maxSuccessDrop", "--max-success-drop"),
         };
         match self {
@@ -453,6 +459,7 @@ enum Field {
     MinSuccess,
     MaxP99,
     PromoteWeight,
+    MinRequests,
     MaxSuccessDrop,
 }
 
@@ -473,9 +480,13 @@ pub fn steps(spec: &pb::CanarySpec) -> Vec<u32> {
     out
 }
 
-/// Fills the defaults a spec leaves out (interval, threshold, max weight from the
-/// steps, min requests, promote weight) and checks every value: threshold at least 1,
-/// steps that reach the max weight, weights from 1 to 100.
+/// Checks every value: threshold at least 1, steps that reach the max weight,
+/// weights from 1 to 100, a promote weight not below the max weight. Min requests
+/// and promote weight: unset = the default (10, 100), an explicit 0 = an error naming
+/// the field or flag. In a document "unset" is an absent field (its explicit 0 is
+/// refused by [`parse_document`]); on the Start call (`ctl`), whose fields are plain
+/// numbers where 0 cannot be told from unset, every value is explicit: 0 is refused
+/// (`ctl` sends its flags' defaults).
 pub fn check_values(spec: &pb::CanarySpec, source: Source) -> Result<(), FieldError> {
     let name = |f| source.name(f);
     if spec.service.trim().is_empty() {
@@ -521,6 +532,31 @@ pub fn check_values(spec: &pb::CanarySpec, source: Source) -> Result<(), FieldEr
     }
     if spec.promote_weight > 100 {
         return Err(bad(name(Field::PromoteWeight), format!("{} is more than 100 (percent)", spec.promote_weight)));
+    }
+    // Unset = the default, an explicit 0 = an error, in documents and `ctl` alike. A
+    // document's absent field reaches here as 0 (its explicit 0 was refused when
+    // read); the Start call's fields are plain numbers, so 0 there can only be an
+    // explicit 0 (`ctl` always sends its flags' defaults) and is refused.
+    if source == Source::Ctl {
+        if spec.min_requests == 0 {
+            return Err(bad(
+                name(Field::MinRequests),
+                format!("must be at least 1 (no traffic is no evidence; the default is {DEFAULT_MIN_REQUESTS})"),
+            ));
+        }
+        if spec.promote_weight == 0 {
+            return Err(bad(name(Field::PromoteWeight), "must be from 1 to 100 (the default is 100)"));
+        }
+    }
+    let max = if spec.max_weight != 0 { spec.max_weight } else { spec.step_weights.last().copied().unwrap_or(0) };
+    if spec.promote_weight != 0 && spec.promote_weight < max {
+        return Err(bad(
+            name(Field::PromoteWeight),
+            format!(
+                "{} is below the max weight {max}: promotion would lower the canary's weight (give {max} to 100)",
+                spec.promote_weight
+            ),
+        ));
     }
     if let Some(min) = spec.min_success_percent
         && !(0.0..=100.0).contains(&min)
@@ -753,11 +789,13 @@ spec:
             max_weight: 50,
             threshold: 2,
             interval_ms: 1000,
+            min_requests: 20,
+            promote_weight: 90,
             source: "ctl".into(),
             ..Default::default()
         };
         let s = resolve(base.clone(), &known, "v1").expect("resolves");
-        assert_eq!((s.canary.as_str(), s.stable.as_str(), s.min_requests, s.promote_weight), ("v2", "v1", 10, 100));
+        assert_eq!((s.canary.as_str(), s.stable.as_str(), s.min_requests, s.promote_weight), ("v2", "v1", 20, 90));
         let e = resolve(pb::CanarySpec { canary: "v3".into(), ..base.clone() }, &known, "v1").expect_err("unknown");
         assert_eq!(e.field, "--canary");
         assert!(e.message.contains("its subsets are v1, v2"), "{e}");
@@ -771,6 +809,55 @@ spec:
         let doc = pb::CanarySpec { source: "Canary/default/payment".into(), ..base };
         let e = resolve(pb::CanarySpec { canary: "v9".into(), ..doc }, &known, "v1").expect_err("unknown");
         assert_eq!(e.field, "spec.serin.canarySubset");
+    }
+
+    /// Unset = default, explicit 0 = an error naming the field or flag, for documents
+    /// and `ctl` alike; a promote weight below the max weight is refused by both.
+    #[test]
+    fn min_requests_and_promote_weight_follow_one_rule() {
+        // Documents: absent = the defaults.
+        let s = parse(&with_analysis("    maxWeight: 50\n    stepWeight: 5\n")).expect("parses").spec;
+        let s = resolve(s, &["v1".into(), "v2".into()], "v1").expect("resolves");
+        assert_eq!((s.min_requests, s.promote_weight), (DEFAULT_MIN_REQUESTS, 100));
+        // Documents: explicit 0 = an error naming the field.
+        let zero = with_analysis("    maxWeight: 50\n    stepWeight: 5\n") + "  serin: {minRequests: 0}\n";
+        assert_eq!(err(&zero).field, "spec.serin.minRequests");
+        let zero = with_analysis("    maxWeight: 50\n    stepWeight: 5\n") + "  serin: {promoteWeight: 0}\n";
+        assert_eq!(err(&zero).field, "spec.serin.promoteWeight");
+        // Documents: a promote weight below the max weight.
+        let low = with_analysis("    maxWeight: 50\n    stepWeight: 5\n") + "  serin: {promoteWeight: 40}\n";
+        let e = err(&low);
+        assert_eq!(e.field, "spec.serin.promoteWeight", "{e}");
+        assert!(e.message.contains("below the max weight 50"), "{e}");
+        let low = with_analysis("    stepWeights: [10, 60]\n") + "  serin: {promoteWeight: 50}\n";
+        assert_eq!(err(&low).field, "spec.serin.promoteWeight");
+        let equal = with_analysis("    maxWeight: 50\n    stepWeight: 5\n") + "  serin: {promoteWeight: 50}\n";
+        assert_eq!(parse(&equal).expect("the max weight itself is fine").spec.promote_weight, 50);
+
+        // ctl (the Start call): every value explicit; 0 = an error naming the flag.
+        let ctl = pb::CanarySpec {
+            service: "payment".into(),
+            step_weight: 10,
+            max_weight: 50,
+            threshold: 2,
+            interval_ms: 1000,
+            min_requests: 10,
+            promote_weight: 100,
+            source: "ctl".into(),
+            ..Default::default()
+        };
+        let known: Vec<String> = vec!["v1".into(), "v2".into()];
+        assert!(resolve(ctl.clone(), &known, "v1").is_ok());
+        let e = resolve(pb::CanarySpec { min_requests: 0, ..ctl.clone() }, &known, "v1").expect_err("0");
+        assert_eq!(e.field, "--min-requests", "{e}");
+        let e = resolve(pb::CanarySpec { promote_weight: 0, ..ctl.clone() }, &known, "v1").expect_err("0");
+        assert_eq!(e.field, "--promote-weight", "{e}");
+        let e = resolve(pb::CanarySpec { promote_weight: 30, ..ctl.clone() }, &known, "v1").expect_err("low");
+        assert_eq!(e.field, "--promote-weight", "{e}");
+        assert!(e.message.contains("below the max weight 50"), "{e}");
+        let steps = pb::CanarySpec { step_weight: 0, step_weights: vec![10, 60], max_weight: 0, ..ctl };
+        let e = resolve(pb::CanarySpec { promote_weight: 50, ..steps }, &known, "v1").expect_err("low");
+        assert_eq!(e.field, "--promote-weight", "{e}");
     }
 
     #[test]
