@@ -239,18 +239,18 @@ pub enum PushError {
     },
 }
 
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> PushError {
+pub fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> PushError {
     let what = what.into();
     move |source| PushError::Io { what, source }
 }
 
-fn rpc(what: impl Into<String>) -> impl FnOnce(ClientError) -> PushError {
+pub fn rpc(what: impl Into<String>) -> impl FnOnce(ClientError) -> PushError {
     let what = what.into();
     move |source| PushError::Client { what, source }
 }
 
 /// Runs `fut` for at most `limit`; on timeout, the error says `what`.
-async fn bounded<T>(
+pub async fn bounded<T>(
     what: &str,
     limit: Duration,
     fut: impl Future<Output = Result<T, PushError>>,
@@ -299,7 +299,7 @@ impl ProcSample {
 }
 
 /// Clock ticks per second for `/proc/*/stat` (`getconf CLK_TCK`, else Linux's 100).
-fn ticks_per_sec() -> f64 {
+pub fn ticks_per_sec() -> f64 {
     Command::new("getconf")
         .arg("CLK_TCK")
         .output()
@@ -311,7 +311,7 @@ fn ticks_per_sec() -> f64 {
 }
 
 /// The soft limit on open files of this process (`/proc/self/limits`).
-fn open_file_limit() -> Option<u64> {
+pub fn open_file_limit() -> Option<u64> {
     let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
     let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
     line.trim_start_matches("Max open files").split_whitespace().next()?.parse().ok()
@@ -342,10 +342,10 @@ impl Drop for TempDir {
 
 /// A running `serin control-plane`; killed when dropped.
 #[derive(Debug)]
-struct ControlPlaneProcess {
+pub struct ControlPlaneProcess {
     child: Child,
     log: Arc<Mutex<VecDeque<String>>>,
-    listen: SocketAddr,
+    pub listen: SocketAddr,
     _dir: TempDir,
 }
 
@@ -375,7 +375,7 @@ fn listen_field(line: &str) -> Option<SocketAddr> {
 impl ControlPlaneProcess {
     /// Writes the config folder and starts `serin control-plane` on ephemeral loopback
     /// ports; returns once it logged that it is ready.
-    async fn start(serin_bin: &Path, timeout: Duration) -> Result<ControlPlaneProcess, PushError> {
+    pub async fn start(serin_bin: &Path, timeout: Duration) -> Result<ControlPlaneProcess, PushError> {
         if !serin_bin.is_file() {
             return Err(PushError::MissingBinary(serin_bin.to_path_buf()));
         }
@@ -452,7 +452,7 @@ impl ControlPlaneProcess {
         }
     }
 
-    fn pid(&self) -> String {
+    pub fn pid(&self) -> String {
         self.child.id().to_string()
     }
 
@@ -462,24 +462,24 @@ impl ControlPlaneProcess {
         log.iter().skip(skip).cloned().collect::<Vec<_>>().join("\n")
     }
 
-    fn failed(&self, what: &str) -> PushError {
+    pub fn failed(&self, what: &str) -> PushError {
         PushError::ControlPlane { what: what.to_string(), log: self.log_tail(40) }
     }
 
     /// Fails when the process has exited.
-    fn check_alive(&mut self) -> Result<(), PushError> {
+    pub fn check_alive(&mut self) -> Result<(), PushError> {
         match self.child.try_wait() {
             Ok(Some(status)) => Err(self.failed(&format!("exited ({status}) during the run"))),
             _ => Ok(()),
         }
     }
 
-    fn sample(&self, ticks: f64) -> Result<ProcSample, PushError> {
+    pub fn sample(&self, ticks: f64) -> Result<ProcSample, PushError> {
         ProcSample::read(&self.pid(), ticks).map_err(io(format!("reading /proc/{} of the control plane", self.pid())))
     }
 
     /// SIGTERM (it drains), then SIGKILL if it is still there after `grace`.
-    async fn stop(mut self, grace: Duration) {
+    pub async fn stop(mut self, grace: Duration) {
         let _ = Command::new("kill").args(["-TERM", &self.pid()]).stderr(Stdio::null()).status();
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
@@ -563,7 +563,7 @@ impl AckLog {
 }
 
 /// The simulated sidecars' node ids.
-fn node_id(i: usize) -> String {
+pub fn node_id(i: usize) -> String {
     format!("bench-sidecar-{i:05}")
 }
 
@@ -603,7 +603,7 @@ fn open_streams(address: SocketAddr, count: usize, acks: &Arc<AckLog>) -> Result
 }
 
 /// Fails when a simulated sidecar reconnected, lost its stream or NACKed.
-fn check_streams(subscriptions: &[Subscription]) -> Result<(), PushError> {
+pub fn check_streams(subscriptions: &[Subscription]) -> Result<(), PushError> {
     let mut bad = Vec::new();
     for (i, sub) in subscriptions.iter().enumerate() {
         let status = sub.status().borrow().clone();
@@ -632,7 +632,7 @@ fn check_streams(subscriptions: &[Subscription]) -> Result<(), PushError> {
 }
 
 /// The first few nodes of an [`pb::AckResult`] that did not ACK, one per line.
-fn not_acked(result: &pb::AckResult) -> String {
+pub fn not_acked(result: &pb::AckResult) -> String {
     let mut lines: Vec<String> = result
         .nodes
         .iter()
@@ -657,7 +657,7 @@ fn not_acked(result: &pb::AckResult) -> String {
 }
 
 /// Every one of `streams` subscribed sidecars ACKed (server side).
-fn all_acked(result: &pb::AckResult, streams: usize) -> bool {
+pub fn all_acked(result: &pb::AckResult, streams: usize) -> bool {
     result.total as usize == streams && result.acked == result.total && result.nacked == 0 && !result.timed_out
 }
 
