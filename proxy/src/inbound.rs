@@ -135,6 +135,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, app_port: u16, dr
         };
         tokio::spawn(async move {
             let mut info = ConnInfo::new(remote, local, Reporter::Destination, routes);
+            info.labels = Some(labels.clone());
             match accept(stream, &shared, &labels, port).await {
                 Some(Accepted::Plain(stream)) => match sniff::detect(&stream).await {
                     Detected::Http => listener::serve_http_watched(&builder, watcher, stream, shared, info),

@@ -67,7 +67,7 @@ impl MeshIdentity {
     pub fn upstream_tls(
         &self,
         cluster: &Cluster,
-        endpoint: &Endpoint,
+        endpoint: &Arc<Endpoint>,
         upgrade: bool,
     ) -> Result<Option<UpstreamTls>, PoolError> {
         if !wants_mtls(cluster, endpoint) {
@@ -75,14 +75,9 @@ impl MeshIdentity {
         }
         let bundle = self.bundle().ok_or(PoolError::NoIdentity { addr: endpoint.addr })?;
         let config = if upgrade { self.http1_config(&bundle)? } else { bundle.client_config().clone() };
-        let trust_domain = bundle.identity().spiffe_id().trust_domain().to_string();
-        let expected = endpoint
-            .service_account
-            .as_deref()
-            .and_then(|sa| SpiffeId::new(&trust_domain, &endpoint.namespace, sa).ok())
-            .into_iter()
-            .collect();
-        Ok(Some(UpstreamTls { config, expected }))
+        // The acceptable identities are worked out when a connection is opened,
+        // not for every request that rides a pooled one.
+        Ok(Some(UpstreamTls { config, expected: ExpectedPeer { bundle, endpoint: endpoint.clone() } }))
     }
 
     fn http1_config(&self, bundle: &Arc<IdentityBundle>) -> Result<Arc<rustls::ClientConfig>, PoolError> {
@@ -97,6 +92,34 @@ impl MeshIdentity {
         })?;
         self.http1.store(Some(Arc::new((bundle.clone(), config.clone()))));
         Ok(config)
+    }
+}
+
+/// The identities an upstream sidecar may present: the endpoint's
+/// `serviceAccount` in its namespace, in this proxy's trust domain (Istio's
+/// client-side SAN check); none listed accepts any identity of the mesh CA.
+#[derive(Clone)]
+pub struct ExpectedPeer {
+    bundle: Arc<IdentityBundle>,
+    endpoint: Arc<Endpoint>,
+}
+
+impl std::fmt::Debug for ExpectedPeer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.ids()).finish()
+    }
+}
+
+impl ExpectedPeer {
+    /// Acceptable SPIFFE IDs; empty accepts any identity of the mesh CA.
+    pub fn ids(&self) -> Vec<SpiffeId> {
+        let trust_domain = self.bundle.identity().spiffe_id().trust_domain();
+        self.endpoint
+            .service_account
+            .as_deref()
+            .and_then(|sa| SpiffeId::new(trust_domain, &self.endpoint.namespace, sa).ok())
+            .into_iter()
+            .collect()
     }
 }
 

@@ -4,13 +4,15 @@
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version, header};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
 use crate::body::{self, ProxyBody};
 use crate::flags::ResponseFlags;
 use crate::mesh_tls;
+use crate::request_info::Text;
 use crate::snapshot::{Cluster, Route};
 use crate::upstream::balance;
 use crate::upstream::outlier::{self, Outcome};
@@ -23,9 +25,9 @@ use super::retry;
 #[derive(Debug)]
 pub struct UpstreamHead {
     pub method: Method,
-    /// Path and query.
-    pub path: String,
-    pub authority: String,
+    /// Path and query (shares the received request's bytes unless rewritten).
+    pub path: PathAndQuery,
+    pub authority: Text,
     pub headers: HeaderMap,
     pub protocol: UpstreamProtocol,
 }
@@ -210,14 +212,25 @@ pub(super) fn build_request(
     match protocol {
         UpstreamProtocol::Http2 => {
             *req.version_mut() = Version::HTTP_2;
-            let uri = format!("http://{}{}", head.authority, head.path);
-            *req.uri_mut() = uri.parse().unwrap_or_else(|_| fallback_uri(addr, &head.path));
+            // Built from its parts: no formatting and no second parse of the path.
+            let authority = head.authority.to_authority().or_else(|| fallback_authority(addr));
+            let mut parts = http::uri::Parts::default();
+            if authority.is_some() {
+                parts.scheme = Some(Scheme::HTTP);
+                parts.authority = authority;
+            }
+            parts.path_and_query = Some(head.path.clone());
+            *req.uri_mut() = Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"));
             req.headers_mut().remove(header::HOST);
         }
         UpstreamProtocol::Http1 => {
             *req.version_mut() = Version::HTTP_11;
-            *req.uri_mut() = head.path.parse().unwrap_or_else(|_| Uri::from_static("/"));
-            if let Ok(host) = HeaderValue::from_str(&head.authority) {
+            *req.uri_mut() = Uri::from(head.path.clone());
+            // The received `Host` is usually the authority already: keep it then.
+            let mut hosts = req.headers().get_all(header::HOST).iter();
+            let same =
+                hosts.next().is_some_and(|h| h.as_bytes() == head.authority.as_bytes()) && hosts.next().is_none();
+            if !same && let Some(host) = head.authority.to_header_value() {
                 req.headers_mut().insert(header::HOST, host);
             }
         }
@@ -225,8 +238,10 @@ pub(super) fn build_request(
     req
 }
 
-fn fallback_uri(addr: &SocketAddr, path: &str) -> Uri {
-    format!("http://{addr}{path}").parse().unwrap_or_else(|_| Uri::from_static("/"))
+/// The endpoint's address as the authority of an HTTP/2 request whose own
+/// authority is not a valid one.
+fn fallback_authority(addr: &SocketAddr) -> Option<Authority> {
+    Authority::try_from(addr.to_string()).ok()
 }
 
 /// Joins the two halves of an upgraded (e.g. WebSocket) connection.

@@ -5,6 +5,7 @@ use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
+use crate::request_info::Text;
 use crate::snapshot::HeaderEdits;
 
 /// Headers that describe one connection, never forwarded.
@@ -111,26 +112,34 @@ fn format_ip(ip: IpAddr, buf: &mut [u8; 64]) -> &[u8] {
     }
 }
 
-/// Keeps a valid `x-request-id` or sets a new random (UUID v4) one; returns it.
-pub fn ensure_request_id(headers: &mut HeaderMap) -> String {
-    if let Some(id) = headers.get(&X_REQUEST_ID).and_then(|v| v.to_str().ok())
+/// Keeps a valid `x-request-id` or sets a new random (UUID v4) one; returns it
+/// (sharing the header's bytes: no copy).
+pub fn ensure_request_id(headers: &mut HeaderMap) -> Text {
+    if let Some(id) = headers.get(&X_REQUEST_ID)
         && !id.is_empty()
+        && let Some(id) = Text::from_header(id)
     {
-        return id.to_string();
+        return id;
     }
-    let id = new_request_id();
-    if let Ok(v) = HeaderValue::from_str(&id) {
+    // One allocation, shared by the header and the returned text.
+    let id = bytes::Bytes::from_owner(uuid_v4());
+    if let Ok(v) = HeaderValue::from_maybe_shared(id.clone()) {
         headers.insert(&X_REQUEST_ID, v);
     }
-    id
+    Text::try_from(id).unwrap_or_default() // always ASCII
 }
 
 /// A random UUID v4 string.
 pub fn new_request_id() -> String {
+    std::str::from_utf8(&uuid_v4()).map_or_else(|_| String::new(), str::to_owned) // always ASCII
+}
+
+/// A random UUID v4: 8-4-4-4-12 lower-case hex digits.
+fn uuid_v4() -> [u8; 36] {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let bits: u128 = rand::random();
     let bits = (bits & !(0xf << 76) | (0x4 << 76)) & !(0x3 << 62) | (0x2 << 62);
-    // 8-4-4-4-12 lower-case hex digits, most significant first.
+    // Most significant first.
     let mut out = [b'-'; 36];
     let mut n = 0;
     for (i, byte) in bits.to_be_bytes().into_iter().enumerate() {
@@ -141,7 +150,7 @@ pub fn new_request_id() -> String {
         out[n + 1] = HEX[usize::from(byte & 0xf)];
         n += 2;
     }
-    std::str::from_utf8(&out).map_or_else(|_| String::new(), str::to_owned) // always ASCII
+    out
 }
 
 /// Applies `set` (overwrite), `add` (append) and `remove`.

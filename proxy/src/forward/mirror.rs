@@ -24,7 +24,7 @@ pub fn maybe_send(shared: &Arc<Shared>, mirror: &Mirror, head: &UpstreamHead, bo
     let head = UpstreamHead {
         method: head.method.clone(),
         path: head.path.clone(),
-        authority,
+        authority: authority.into(),
         headers: head.headers.clone(),
         protocol: head.protocol,
     };

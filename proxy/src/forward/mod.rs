@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
+use http::uri::PathAndQuery;
 use http::{HeaderMap, Request, Response, StatusCode, Uri, Version, header};
 use http_body::Body as _;
 use http_body_util::BodyExt;
@@ -24,7 +25,7 @@ use hyper::body::Incoming;
 
 use crate::body::{self, ProxyBody};
 use crate::flags::ResponseFlags;
-use crate::request_info::{Reporter, RequestInfo};
+use crate::request_info::{Reporter, RequestInfo, Text};
 use crate::router::{self, RequestView};
 use crate::snapshot::{Fault, FaultAbort, HashKey, LoadBalancer, Rewrite, Route, RouteAction, WeightedDestinations};
 use crate::state::Shared;
@@ -56,6 +57,9 @@ pub struct ConnInfo {
     /// Set when iptables redirected the connection here: its original
     /// destination, the service there and the fallback for unknown hosts.
     pub captured: Option<Arc<crate::outbound::Captured>>,
+    /// The local workload's labels for AuthorizationPolicy selectors, when the
+    /// listener has them (inbound); else they are built per request.
+    pub labels: Option<Arc<Vec<(String, String)>>>,
 }
 
 /// The snapshot a listener routes by.
@@ -72,7 +76,7 @@ pub enum RouteSource {
 impl ConnInfo {
     /// A plaintext connection's info.
     pub fn new(remote: SocketAddr, local: SocketAddr, reporter: Reporter, routes: RouteSource) -> ConnInfo {
-        ConnInfo { remote, local, reporter, routes, peer: None, tls: false, captured: None }
+        ConnInfo { remote, local, reporter, routes, peer: None, tls: false, captured: None, labels: None }
     }
 }
 
@@ -95,7 +99,7 @@ pub async fn handle(
         start: SystemTime::now(),
         duration: Default::default(),
         method: parts.method.clone(),
-        path: parts.uri.path_and_query().map_or_else(|| "/".to_string(), |p| p.as_str().to_string()),
+        path: parts.uri.path_and_query().map_or_else(|| Text::from("/"), |p| Text::from(p.clone())),
         protocol: protocol_name(parts.version),
         authority: authority.clone(),
         status: 0,
@@ -109,12 +113,13 @@ pub async fn handle(
         upstream: None,
         attempts: 0,
         request_id,
-        user_agent: parts.headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).map(str::to_string),
+        user_agent: parts.headers.get(header::USER_AGENT).and_then(Text::from_header),
         downstream_remote: conn.remote,
         peer: conn.peer.clone(),
     };
     let mut rec = Recorder::new(shared.clone(), info, started);
-    let body = CountingBody::new(incoming, rec.received.clone());
+    let counter = (!incoming.is_end_stream()).then(|| rec.received_counter());
+    let body = CountingBody::new(incoming, counter);
     if let Some((status, text)) = malformed(&parts) {
         return Ok(local_reply(rec, status, ResponseFlags::DOWNSTREAM_PROTOCOL_ERROR, text));
     }
@@ -268,7 +273,7 @@ pub async fn handle(
     }
     headers::apply_edits(resp.headers_mut(), &route.headers.response);
     headers::apply_edits(resp.headers_mut(), &dest.headers.response);
-    Ok(resp.map(|b| body::boxed(ObservedBody::new(body::boxed(b), rec).with_deadline(deadline))))
+    Ok(resp.map(|b| body::boxed(ObservedBody::new(b, rec).with_deadline(deadline))))
 }
 
 /// RFC 9112 checks that hyper leaves to the server (Envoy makes them too): an
@@ -297,8 +302,16 @@ const X_FORWARDED_CLIENT_CERT: http::HeaderName = http::HeaderName::from_static(
 /// AuthorizationPolicy on the inbound side: the denial's body, or `None` to go on.
 fn authorize(shared: &Shared, conn: &ConnInfo, view: &RequestView<'_>) -> Option<&'static str> {
     let snapshot = shared.snapshot.load();
-    let labels = crate::inbound::local_labels(&shared.local);
-    if !snapshot.security.has_authorization(&shared.local.namespace, &labels) {
+    // The inbound listener works the labels out once per connection.
+    let owned;
+    let labels = match &conn.labels {
+        Some(labels) => labels.as_slice(),
+        None => {
+            owned = crate::inbound::local_labels(&shared.local);
+            owned.as_slice()
+        }
+    };
+    if !snapshot.security.has_authorization(&shared.local.namespace, labels) {
         return None;
     }
     let principal = conn.peer.as_ref().map(|p| p.principal.as_str());
@@ -312,7 +325,7 @@ fn authorize(shared: &Shared, conn: &ConnInfo, view: &RequestView<'_>) -> Option
         port: view.port,
         headers: view.headers,
     };
-    match snapshot.security.authorize(&shared.local.namespace, &labels, &attrs) {
+    match snapshot.security.authorize(&shared.local.namespace, labels, &attrs) {
         crate::security::Decision::Allow => None,
         crate::security::Decision::Deny { policy } => {
             tracing::debug!(%policy, principal = principal.unwrap_or("-"), "request denied by AuthorizationPolicy");
@@ -322,11 +335,11 @@ fn authorize(shared: &Shared, conn: &ConnInfo, view: &RequestView<'_>) -> Option
 }
 
 /// Host and port as the request addressed them: `:authority` (HTTP/2 or an
-/// absolute URI) or the `Host` header.
-fn request_authority(uri: &Uri, headers: &HeaderMap) -> String {
+/// absolute URI) or the `Host` header. Shares the request's bytes.
+fn request_authority(uri: &Uri, headers: &HeaderMap) -> Text {
     uri.authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
+        .map(|a| Text::from(a.clone()))
+        .or_else(|| headers.get(header::HOST).and_then(Text::from_header))
         .unwrap_or_default()
 }
 
@@ -386,13 +399,16 @@ fn upstream_protocol(
     grpc: bool,
     upgrade: bool,
 ) -> UpstreamProtocol {
-    let declared =
-        cluster.service.ports.iter().find(|(port, _)| *port == cluster.port).map(|(_, p)| p.to_ascii_uppercase());
+    // Compared without case and without an upper-case copy.
+    let declared = cluster.service.ports.iter().find(|(port, _)| *port == cluster.port).map(|(_, p)| p.as_str());
+    let is = |name: &str| declared.is_some_and(|p| p.eq_ignore_ascii_case(name));
     let h2 = !upgrade
-        && match declared.as_deref() {
-            Some("HTTP2" | "GRPC" | "GRPC-WEB") => true,
-            Some("HTTP") => downstream == Version::HTTP_2 && grpc,
-            _ => downstream == Version::HTTP_2,
+        && if is("HTTP2") || is("GRPC") || is("GRPC-WEB") {
+            true
+        } else if is("HTTP") {
+            downstream == Version::HTTP_2 && grpc
+        } else {
+            downstream == Version::HTTP_2
         };
     if h2 { UpstreamProtocol::Http2 } else { UpstreamProtocol::Http1 }
 }
@@ -446,12 +462,14 @@ fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
         .find_map(|pair| pair.trim().split_once('=').filter(|(k, _)| *k == name).map(|(_, v)| v))
 }
 
-/// The upstream path and authority after `rewrite`.
-fn rewrite(route: &Route, uri: &Uri, authority: String) -> (String, String) {
-    let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
+/// The upstream path and authority after `rewrite`. Without a rewrite the path
+/// shares the received request's bytes (no copy).
+fn rewrite(route: &Route, uri: &Uri, authority: Text) -> (PathAndQuery, Text) {
+    let received = || uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
     let Some(Rewrite { uri: new_uri, authority: new_auth }) = &route.rewrite else {
-        return (path_and_query.to_string(), authority);
+        return (received(), authority);
     };
+    let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
     let path = match new_uri {
         Some(replacement) => {
             let prefix = route.matches.iter().find_map(|m| match &m.uri {
@@ -471,11 +489,13 @@ fn rewrite(route: &Route, uri: &Uri, authority: String) -> (String, String) {
                 None => uri.query().map_or("", |q| &path_and_query[path_and_query.len() - q.len() - 1..]),
             };
             let joined = format!("{replacement}{rest}");
-            if joined.starts_with('/') { joined } else { format!("/{joined}") }
+            let joined = if joined.starts_with('/') { joined } else { format!("/{joined}") };
+            // A path that is not a valid URI path goes upstream as `/`, as before.
+            PathAndQuery::try_from(joined).unwrap_or_else(|_| PathAndQuery::from_static("/"))
         }
-        None => path_and_query.to_string(),
+        None => received(),
     };
-    (path, new_auth.clone().unwrap_or(authority))
+    (path, new_auth.clone().map_or(authority, Text::from))
 }
 
 #[cfg(test)]
@@ -509,7 +529,7 @@ mod tests {
         };
         for path in ["/shop/cart?x=1", "/Shop/cart?x=1", "/SHOP/cart?x=1"] {
             let uri: Uri = path.parse().expect("uri");
-            assert_eq!(rewrite(&route, &uri, "payment".to_string()).0, "/cart?x=1", "{path}");
+            assert_eq!(rewrite(&route, &uri, "payment".into()).0, "/cart?x=1", "{path}");
         }
     }
 

@@ -26,8 +26,9 @@ pub struct Recorder {
     shared: Arc<Shared>,
     pub info: RequestInfo,
     started: Instant,
-    /// Request body bytes seen so far.
-    pub received: Arc<AtomicU64>,
+    /// Request body bytes seen so far; `None` until a body needs counting
+    /// (a request without a body allocates no counter).
+    received: Option<Arc<AtomicU64>>,
     /// The endpoint whose in-flight count this request holds.
     active: Option<Arc<EndpointState>>,
     done: bool,
@@ -38,15 +39,12 @@ impl Recorder {
     /// Starts recording a request that arrived at `started`.
     pub fn new(shared: Arc<Shared>, info: RequestInfo, started: Instant) -> Recorder {
         let in_flight = shared.drain.enter();
-        Recorder {
-            shared,
-            info,
-            started,
-            received: Arc::new(AtomicU64::new(0)),
-            active: None,
-            done: false,
-            _in_flight: in_flight,
-        }
+        Recorder { shared, info, started, received: None, active: None, done: false, _in_flight: in_flight }
+    }
+
+    /// The counter of request body bytes, for a [`CountingBody`].
+    pub fn received_counter(&mut self) -> Arc<AtomicU64> {
+        self.received.get_or_insert_with(|| Arc::new(AtomicU64::new(0))).clone()
     }
 
     /// The sidecar's shared state.
@@ -73,7 +71,7 @@ impl Recorder {
             ep.active.fetch_sub(1, Ordering::Relaxed);
         }
         self.info.duration = self.started.elapsed();
-        self.info.bytes_received = self.received.load(Ordering::Relaxed);
+        self.info.bytes_received = self.received.as_ref().map_or(0, |r| r.load(Ordering::Relaxed));
         self.shared.metrics.record_request(&self.shared.local, &self.info);
         self.shared.access_log.log(&self.info);
     }
@@ -90,23 +88,24 @@ impl Drop for Recorder {
 }
 
 /// A response body that counts what it sends, reads the gRPC status from the
-/// trailers and finishes the [`Recorder`] at its end.
-pub struct ObservedBody {
-    inner: ProxyBody,
+/// trailers and finishes the [`Recorder`] at its end. Generic over the body it
+/// wraps, so that an upstream body is not boxed twice.
+pub struct ObservedBody<B = ProxyBody> {
+    inner: B,
     recorder: Option<Recorder>,
     /// The route timeout's deadline: past it, the body ends with an error (UT).
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
-impl std::fmt::Debug for ObservedBody {
+impl<B> std::fmt::Debug for ObservedBody<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ObservedBody").finish_non_exhaustive()
     }
 }
 
-impl ObservedBody {
+impl<B: Body> ObservedBody<B> {
     /// Wraps `inner`; the recorder finishes when the body ends.
-    pub fn new(inner: ProxyBody, recorder: Recorder) -> ObservedBody {
+    pub fn new(inner: B, recorder: Recorder) -> ObservedBody<B> {
         let mut body = ObservedBody { inner, recorder: Some(recorder), deadline: None };
         if body.inner.is_end_stream() {
             body.end(None);
@@ -116,7 +115,7 @@ impl ObservedBody {
 
     /// Ends the body with an error if it is still streaming at `deadline`
     /// (Envoy's route timeout covers the whole response).
-    pub fn with_deadline(mut self, deadline: Option<tokio::time::Instant>) -> ObservedBody {
+    pub fn with_deadline(mut self, deadline: Option<tokio::time::Instant>) -> ObservedBody<B> {
         if self.recorder.is_some() {
             self.deadline = deadline.map(|d| Box::pin(tokio::time::sleep_until(d)));
         }
@@ -133,7 +132,11 @@ impl ObservedBody {
     }
 }
 
-impl Body for ObservedBody {
+impl<B> Body for ObservedBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
     type Data = Bytes;
     type Error = BoxError;
 
@@ -147,7 +150,7 @@ impl Body for ObservedBody {
                 return Poll::Ready(Some(Err("upstream request timeout".into())));
             }
         }
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let polled = Pin::new(&mut self.inner).poll_frame(cx).map_err(Into::into);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(rec) = self.recorder.as_mut() {
@@ -182,12 +185,13 @@ impl Body for ObservedBody {
 /// A request body that counts the bytes it passes on.
 pub struct CountingBody<B> {
     inner: B,
-    count: Arc<AtomicU64>,
+    count: Option<Arc<AtomicU64>>,
 }
 
 impl<B> CountingBody<B> {
-    /// Wraps `inner`, adding its data bytes to `count`.
-    pub fn new(inner: B, count: Arc<AtomicU64>) -> Self {
+    /// Wraps `inner`, adding its data bytes to `count` (`None`: a body known to
+    /// be empty, nothing to count).
+    pub fn new(inner: B, count: Option<Arc<AtomicU64>>) -> Self {
         CountingBody { inner, count }
     }
 }
@@ -203,8 +207,9 @@ where
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(frame))) = &polled
             && let Some(data) = frame.data_ref()
+            && let Some(count) = &self.count
         {
-            self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
+            count.fetch_add(data.len() as u64, Ordering::Relaxed);
         }
         polled
     }

@@ -72,8 +72,8 @@ impl PoolError {
 #[derive(Debug, Clone)]
 pub struct UpstreamTls {
     pub config: Arc<rustls::ClientConfig>,
-    /// Acceptable SPIFFE IDs; empty accepts any identity of the mesh CA.
-    pub expected: Vec<serin_certs::SpiffeId>,
+    /// The identities the server may present (checked after each handshake).
+    pub expected: crate::mesh_tls::ExpectedPeer,
 }
 
 /// Connections to one address.
@@ -183,7 +183,9 @@ impl Pool {
             }
             if inner.open.fetch_add(1, Ordering::AcqRel) < limits.max_connections {
                 let slot = Held { count: &inner.open, released: Some(&inner.released) };
-                let sender = self.connect_h1(limits, tls).await?;
+                // Boxed: a connect (TCP, TLS handshake) is rare and its future is
+                // large; inline, every request's future would carry (and copy) it.
+                let sender = Box::pin(self.connect_h1(limits, tls)).await?;
                 slot.keep();
                 return Ok(self.h1_conn(sender, 0, limits, secure));
             }
@@ -221,12 +223,13 @@ impl Pool {
         };
         let conn = match existing {
             Some(c) if !c.sender.is_closed() && !exhausted(&c.used, limits.max_requests_per_connection) => c,
-            _ => self.new_h2(limits, tls).await?,
+            // Boxed like `connect_h1` above: rare and large.
+            _ => Box::pin(self.new_h2(limits, tls)).await?,
         };
         conn.used.fetch_add(1, Ordering::Relaxed);
         let mut sender = conn.sender;
         if sender.ready().await.is_err() {
-            sender = self.new_h2(limits, tls).await?.sender;
+            sender = Box::pin(self.new_h2(limits, tls)).await?.sender;
         }
         Ok(Conn { addr: self.inner.addr, kind: ConnKind::H2(sender) })
     }
@@ -292,7 +295,7 @@ impl Pool {
             Err(_) => return Err(PoolError::ConnectTimeout { addr }),
         };
         let peer = stream.get_ref().1.peer_certificates().unwrap_or_default();
-        serin_certs::verify_peer_identity(peer, &tls.expected)
+        serin_certs::verify_peer_identity(peer, &tls.expected.ids())
             .map_err(|source| PoolError::Identity { addr, source: Box::new(source) })?;
         Ok(Io::Tls(Box::new(stream)))
     }
@@ -370,50 +373,73 @@ enum ConnKind {
 impl Conn {
     /// Sends the request. An HTTP/1.1 connection goes back to the pool when the
     /// response body has been read to the end (not after an upgrade).
-    pub async fn send(mut self, req: Request<ProxyBody>) -> Result<Response<PooledBody>, PoolError> {
+    ///
+    /// The request is handed to the connection at once: the returned future holds
+    /// the response channel, not the request. (It is part of every request's
+    /// future, which is moved and copied as a whole, so its size matters.)
+    pub fn send(
+        mut self,
+        req: Request<ProxyBody>,
+    ) -> impl Future<Output = Result<Response<PooledBody>, PoolError>> + Send + use<> {
+        use futures_util::FutureExt as _;
+        use futures_util::future::{Either, ready};
         let addr = self.addr;
         match &mut self.kind {
-            ConnKind::H2(sender) => match sender.send_request(req).await {
+            ConnKind::H2(sender) => Either::Left(sender.send_request(req).map(move |sent| match sent {
                 Ok(resp) => Ok(resp.map(|body| PooledBody { inner: body, ret: None })),
                 Err(e) => {
                     let refused = e.is_canceled() || is_refused_stream(&e);
                     Err(PoolError::Send { addr, source: e, refused })
                 }
+            })),
+            // `ret` frees the connection's slot when dropped: on an error, an
+            // upgrade, or when the future is dropped (a timeout) mid-request.
+            ConnKind::H1(slot) => match slot.take() {
+                Some(mut ret) => match ret.sender.as_mut() {
+                    Some(sender) => {
+                        let wants_upgrade = req.headers().contains_key(http::header::UPGRADE);
+                        let response = sender.send_request(req);
+                        Either::Right(Either::Left(
+                            response.map(move |sent| h1_response(sent, ret, wants_upgrade, addr)),
+                        ))
+                    }
+                    None => Either::Right(Either::Right(ready(Err(PoolError::Overflow { addr })))),
+                },
+                None => Either::Right(Either::Right(ready(Err(PoolError::Overflow { addr })))),
             },
-            ConnKind::H1(slot) => {
-                // `ret` frees the connection's slot when dropped: on an error, an
-                // upgrade, or when this future is dropped (a timeout) mid-request.
-                let Some(mut ret) = slot.take() else {
-                    return Err(PoolError::Overflow { addr });
-                };
-                let Some(sender) = ret.sender.as_mut() else {
-                    return Err(PoolError::Overflow { addr });
-                };
-                let wants_upgrade = req.headers().contains_key(http::header::UPGRADE);
-                match sender.send_request(req).await {
-                    Ok(resp) => {
-                        ret.used += 1;
-                        let upgraded = wants_upgrade || resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
-                        // The connection of an upgrade now belongs to the upgraded stream.
-                        let ret = if upgraded { None } else { Some(ret) };
-                        Ok(resp.map(|body| {
-                            let mut body = PooledBody { inner: body, ret };
-                            // A bodiless answer (HEAD, 204, 304, Content-Length: 0) is
-                            // complete already and its body is never polled: give the
-                            // connection back now, not close it on drop.
-                            if body.inner.is_end_stream() {
-                                body.finish();
-                            }
-                            body
-                        }))
-                    }
-                    Err(e) => {
-                        drop(ret);
-                        let refused = e.is_canceled();
-                        Err(PoolError::Send { addr, source: e, refused })
-                    }
+        }
+    }
+}
+
+/// The outcome of a request on an HTTP/1.1 connection; `ret` gives the connection
+/// back when the response body ends.
+fn h1_response(
+    sent: hyper::Result<Response<Incoming>>,
+    mut ret: ReturnTo,
+    wants_upgrade: bool,
+    addr: SocketAddr,
+) -> Result<Response<PooledBody>, PoolError> {
+    match sent {
+        Ok(resp) => {
+            ret.used += 1;
+            let upgraded = wants_upgrade || resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+            // The connection of an upgrade now belongs to the upgraded stream.
+            let ret = if upgraded { None } else { Some(ret) };
+            Ok(resp.map(|body| {
+                let mut body = PooledBody { inner: body, ret };
+                // A bodiless answer (HEAD, 204, 304, Content-Length: 0) is
+                // complete already and its body is never polled: give the
+                // connection back now, not close it on drop.
+                if body.inner.is_end_stream() {
+                    body.finish();
                 }
-            }
+                body
+            }))
+        }
+        Err(e) => {
+            drop(ret);
+            let refused = e.is_canceled();
+            Err(PoolError::Send { addr, source: e, refused })
         }
     }
 }
