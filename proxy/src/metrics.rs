@@ -497,6 +497,9 @@ struct LabelCache {
     local: RwLock<Option<(LocalWorkload, Interned<WorkloadLabels>)>>,
     endpoints: PtrCache<Endpoint, Interned<WorkloadLabels>>,
     service_by_ptr: PtrCache<ServiceInfo, Interned<ServiceLabels>>,
+    /// The caller's labels at the destination, per mutual-TLS peer (one `PeerTls` per
+    /// connection), so they are interned once per connection, not per request.
+    peer_by_ptr: PtrCache<PeerTls, Interned<WorkloadLabels>>,
 }
 
 impl LabelCache {
@@ -513,6 +516,7 @@ impl LabelCache {
             local: RwLock::new(None),
             endpoints: PtrCache::new(),
             service_by_ptr: PtrCache::new(),
+            peer_by_ptr: PtrCache::new(),
         }
     }
 
@@ -562,7 +566,7 @@ impl LabelCache {
         local: &LocalWorkload,
         cluster: Option<&Arc<Cluster>>,
         endpoint: Option<&Arc<Endpoint>>,
-        peer: Option<&PeerTls>,
+        peer: Option<&Arc<PeerTls>>,
     ) -> (SourceLabels, DestinationLabels) {
         let service = self.service(cluster);
         match reporter {
@@ -573,10 +577,12 @@ impl LabelCache {
             // with requests; a mutual-TLS peer gives its principal and namespace.
             Reporter::Destination => {
                 let source = match peer {
-                    Some(p) => self.workloads.intern(WorkloadLabels {
-                        principal: p.spiffe.clone(),
-                        namespace: p.namespace.clone(),
-                        ..WorkloadLabels::unknown()
+                    Some(peer) => self.peer_by_ptr.get_or_insert_with(peer, |p| {
+                        self.workloads.intern(WorkloadLabels {
+                            principal: p.spiffe.clone(),
+                            namespace: p.namespace.clone(),
+                            ..WorkloadLabels::unknown()
+                        })
                     }),
                     None => self.unknown_workload.clone(),
                 };
@@ -679,13 +685,8 @@ impl Metrics {
 
     /// Records one finished HTTP request or gRPC call.
     pub fn record_request(&self, local: &LocalWorkload, info: &RequestInfo) {
-        let (source, destination) = self.labels.peers(
-            info.reporter,
-            local,
-            info.cluster.as_ref(),
-            info.upstream.as_ref(),
-            info.peer.as_deref(),
-        );
+        let (source, destination) =
+            self.labels.peers(info.reporter, local, info.cluster.as_ref(), info.upstream.as_ref(), info.peer.as_ref());
         let labels = RequestLabels {
             reporter: ReporterLabel(info.reporter),
             source,
