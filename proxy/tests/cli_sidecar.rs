@@ -6,115 +6,17 @@
 
 mod process_support;
 
-use process_support::{TempDir, addr_field, fields, strip_ansi};
+use process_support::{Proc, TempDir, addr_field, fields, start_upstream};
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(20);
-
-/// A `serin` child process whose stdout and stderr lines are collected by threads.
-struct Proc {
-    child: Child,
-    stdout: Arc<Mutex<Vec<String>>>,
-    stderr: Arc<Mutex<Vec<String>>>,
-}
-
-fn collect(reader: impl Read + Send + 'static, sink: Arc<Mutex<Vec<String>>>) {
-    std::thread::spawn(move || {
-        for line in BufReader::new(reader).lines() {
-            let Ok(line) = line else { return };
-            sink.lock().expect("lines").push(strip_ansi(&line));
-        }
-    });
-}
-
-impl Proc {
-    fn spawn(args: &[&str]) -> Proc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_serin"))
-            .args(args)
-            .env("NO_COLOR", "1")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn serin");
-        let stdout = Arc::new(Mutex::new(Vec::new()));
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        collect(child.stdout.take().expect("stdout"), stdout.clone());
-        collect(child.stderr.take().expect("stderr"), stderr.clone());
-        Proc { child, stdout, stderr }
-    }
-
-    fn stderr_text(&self) -> String {
-        self.stderr.lock().expect("lines").join("\n")
-    }
-
-    fn stdout_lines(&self) -> Vec<String> {
-        self.stdout.lock().expect("lines").clone()
-    }
-
-    /// The first stderr line containing `needle` (bounded wait).
-    fn wait_stderr(&mut self, needle: &str) -> String {
-        let deadline = Instant::now() + WAIT;
-        while Instant::now() < deadline {
-            if let Some(line) = self.stderr.lock().expect("lines").iter().find(|l| l.contains(needle)) {
-                return line.clone();
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("serin exited ({status}) before logging {needle:?}:\n{}", self.stderr_text());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("no {needle:?} on stderr within {WAIT:?}:\n{}", self.stderr_text());
-    }
-
-    /// Sends SIGTERM with the `kill` command.
-    fn term(&self) {
-        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("run kill");
-        assert!(status.success(), "kill -TERM failed");
-    }
-
-    /// Waits for the process to exit (bounded), then for its output to be read.
-    fn wait_exit(&mut self) -> ExitStatus {
-        let deadline = Instant::now() + WAIT;
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                // Let the reader threads see the end of both pipes.
-                std::thread::sleep(Duration::from_millis(100));
-                return status;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("serin did not exit within {WAIT:?}:\n{}", self.stderr_text());
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// A running `serin upstream`.
-fn start_upstream(version: &str, extra: &[&str]) -> (Proc, SocketAddr) {
-    let mut args = vec!["upstream", "--listen", "127.0.0.1:0", "--version", version];
-    args.extend_from_slice(extra);
-    let mut proc = Proc::spawn(&args);
-    let line = proc.wait_stderr("demo upstream listening");
-    let addr = addr_field(&fields(&line), "addr");
-    (proc, addr)
-}
 
 /// The listeners of a running `serin sidecar`.
 #[derive(Debug, Clone, Copy)]
@@ -152,7 +54,7 @@ fn start_sidecar(config: &Path, extra: &[&str]) -> (Proc, Bound) {
         "15s",
     ];
     args.extend_from_slice(extra);
-    let mut proc = Proc::spawn(&args);
+    let mut proc = Proc::serin(&args, "sidecar");
     let line = proc.wait_stderr("sidecar ready");
     let f = fields(&line);
     let bound = Bound {

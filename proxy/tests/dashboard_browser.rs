@@ -17,14 +17,13 @@
 
 mod process_support;
 
-use process_support::{TempDir, addr_field, fields, strip_ansi};
+use process_support::{Proc, TempDir, addr_field, fields, start_upstream};
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -37,77 +36,6 @@ const FQDN: &str = "payment.default.svc.cluster.local";
 const REQUESTS: usize = 200;
 
 // ---- processes --------------------------------------------------------------------
-
-/// A child process whose stderr lines are collected by a thread; killed on drop.
-struct Proc {
-    name: String,
-    child: Child,
-    stderr: Arc<Mutex<Vec<String>>>,
-}
-
-impl Proc {
-    fn spawn(program: &Path, args: &[&str], name: &str) -> Proc {
-        let mut child = Command::new(program)
-            .args(args)
-            .env("NO_COLOR", "1")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name} ({}): {e}", program.display()));
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let sink = stderr.clone();
-        let reader = child.stderr.take().expect("stderr");
-        std::thread::spawn(move || {
-            for line in BufReader::new(reader).lines().map_while(Result::ok) {
-                sink.lock().expect("lines").push(strip_ansi(&line));
-            }
-        });
-        Proc { name: name.to_string(), child, stderr }
-    }
-
-    fn serin(args: &[&str], name: &str) -> Proc {
-        Proc::spawn(Path::new(env!("CARGO_BIN_EXE_serin")), args, name)
-    }
-
-    fn stderr_text(&self) -> String {
-        self.stderr.lock().expect("lines").join("\n")
-    }
-
-    /// The first stderr line containing `needle` (bounded wait).
-    fn wait_stderr(&mut self, needle: &str) -> String {
-        let deadline = Instant::now() + WAIT;
-        while Instant::now() < deadline {
-            if let Some(line) = self.stderr.lock().expect("lines").iter().find(|l| l.contains(needle)) {
-                return line.clone();
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("{} exited ({status}) before logging {needle:?}:\n{}", self.name, self.stderr_text());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("{}: no {needle:?} on stderr within {WAIT:?}:\n{}", self.name, self.stderr_text());
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn start_upstream(version: &str, extra: &[&str]) -> (Proc, SocketAddr) {
-    let mut args = vec!["upstream", "--listen", "127.0.0.1:0", "--version", version];
-    args.extend_from_slice(extra);
-    let mut proc = Proc::serin(&args, &format!("upstream {version}"));
-    let line = proc.wait_stderr("demo upstream listening");
-    let addr = addr_field(&fields(&line), "addr");
-    (proc, addr)
-}
 
 /// `payment` with one v1 and one v2 endpoint, an even split, no retries (so every
 /// answer the client sees comes from the version that was picked).

@@ -9,85 +9,18 @@
 
 mod process_support;
 
-use process_support::{TempDir, addr_field, fields, strip_ansi};
+use process_support::{Proc, TempDir, addr_field, fields, start_upstream};
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(20);
 const N: usize = 200;
 const PAYMENT: &str = "payment.default.svc.cluster.local";
-
-/// A `serin` child process whose stderr lines are collected by a thread.
-struct Proc {
-    child: Child,
-    stderr: Arc<Mutex<Vec<String>>>,
-}
-
-impl Proc {
-    fn spawn(args: &[&str]) -> Proc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_serin"))
-            .args(args)
-            .env("NO_COLOR", "1")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn serin");
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let sink = stderr.clone();
-        let reader = child.stderr.take().expect("stderr");
-        std::thread::spawn(move || {
-            for line in BufReader::new(reader).lines() {
-                let Ok(line) = line else { return };
-                sink.lock().expect("lines").push(strip_ansi(&line));
-            }
-        });
-        Proc { child, stderr }
-    }
-
-    fn stderr_text(&self) -> String {
-        self.stderr.lock().expect("lines").join("\n")
-    }
-
-    /// The first stderr line containing `needle` (bounded wait).
-    fn wait_stderr(&mut self, needle: &str) -> String {
-        let deadline = Instant::now() + WAIT;
-        while Instant::now() < deadline {
-            if let Some(line) = self.stderr.lock().expect("lines").iter().find(|l| l.contains(needle)) {
-                return line.clone();
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("serin exited ({status}) before logging {needle:?}:\n{}", self.stderr_text());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("no {needle:?} on stderr within {WAIT:?}:\n{}", self.stderr_text());
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn start_upstream(version: &str, extra: &[&str]) -> (Proc, SocketAddr) {
-    let mut args = vec!["upstream", "--listen", "127.0.0.1:0", "--version", version];
-    args.extend_from_slice(extra);
-    let mut proc = Proc::spawn(&args);
-    let line = proc.wait_stderr("demo upstream listening");
-    (proc, addr_field(&fields(&line), "addr"))
-}
 
 /// `payment` with one endpoint per version, its subsets, and a 50/50 split.
 fn mesh_yaml(v1: SocketAddr, v2: SocketAddr) -> String {
@@ -187,45 +120,51 @@ fn a_sidecars_load_reports_reach_ctl_load_and_get_load_by_version() {
     write_folder(&config, &mesh_yaml(v1, v2));
     let state = tmp.path().join("state");
     let (config, state) = (config.to_string_lossy().into_owned(), state.to_string_lossy().into_owned());
-    let mut cp = Proc::spawn(&[
-        "control-plane",
-        "--config-dir",
-        &config,
-        "--state-dir",
-        &state,
-        "--listen",
-        "127.0.0.1:0",
-        "--monitoring",
-        "127.0.0.1:0",
-    ]);
+    let mut cp = Proc::serin(
+        &[
+            "control-plane",
+            "--config-dir",
+            &config,
+            "--state-dir",
+            &state,
+            "--listen",
+            "127.0.0.1:0",
+            "--monitoring",
+            "127.0.0.1:0",
+        ],
+        "control plane",
+    );
     let ready = fields(&cp.wait_stderr("control plane ready"));
     let (listen, monitoring) = (addr_field(&ready, "listen"), addr_field(&ready, "monitoring"));
     let listen_arg = listen.to_string();
-    let mut sidecar = Proc::spawn(&[
+    let mut sidecar = Proc::serin(
+        &[
+            "sidecar",
+            "--control-plane",
+            &listen_arg,
+            "--node-id",
+            "frontend-1",
+            "--load-report-interval",
+            "200ms",
+            "--outbound",
+            "127.0.0.1:0",
+            "--inbound",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--metrics",
+            "127.0.0.1:0",
+            "--health",
+            "127.0.0.1:0",
+            "--workload",
+            "frontend",
+            "--app-label",
+            "frontend",
+            "--app-version",
+            "v1",
+        ],
         "sidecar",
-        "--control-plane",
-        &listen_arg,
-        "--node-id",
-        "frontend-1",
-        "--load-report-interval",
-        "200ms",
-        "--outbound",
-        "127.0.0.1:0",
-        "--inbound",
-        "127.0.0.1:0",
-        "--admin",
-        "127.0.0.1:0",
-        "--metrics",
-        "127.0.0.1:0",
-        "--health",
-        "127.0.0.1:0",
-        "--workload",
-        "frontend",
-        "--app-label",
-        "frontend",
-        "--app-version",
-        "v1",
-    ]);
+    );
     let bound = fields(&sidecar.wait_stderr("sidecar ready"));
     let (outbound, health) = (addr_field(&bound, "outbound"), addr_field(&bound, "health"));
     // Ready = the first config from the control plane is applied.

@@ -1,11 +1,127 @@
-//! Helpers shared by the tests that run `serin` as a real process: a temporary
-//! folder, ANSI-free log lines, and `key=value` fields of the `fmt` log format.
+//! Helpers shared by the tests that run `serin` as a real process: a child process
+//! with its log lines collected, a `serin upstream`, a temporary folder, ANSI-free log
+//! lines, and `key=value` fields of the `fmt` log format.
 #![allow(dead_code)] // each test file uses its own subset
 
 use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long a [`Proc`] waits for a log line or for its exit.
+pub const PROC_WAIT: Duration = Duration::from_secs(30);
+
+/// A child process whose stdout and stderr lines are collected (ANSI-free) by threads;
+/// killed on drop.
+pub struct Proc {
+    name: String,
+    child: Child,
+    stdout: Arc<Mutex<Vec<String>>>,
+    stderr: Arc<Mutex<Vec<String>>>,
+}
+
+fn collect(reader: impl Read + Send + 'static, sink: Arc<Mutex<Vec<String>>>) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(reader).lines().map_while(Result::ok) {
+            sink.lock().expect("lines").push(strip_ansi(&line));
+        }
+    });
+}
+
+impl Proc {
+    /// Starts `program` with `args` (`NO_COLOR=1`, `RUST_LOG=info`); `name` is used in
+    /// failure messages.
+    pub fn spawn(program: &Path, args: &[&str], name: &str) -> Proc {
+        let mut child = Command::new(program)
+            .args(args)
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name} ({}): {e}", program.display()));
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        collect(child.stdout.take().expect("stdout"), stdout.clone());
+        collect(child.stderr.take().expect("stderr"), stderr.clone());
+        Proc { name: name.to_string(), child, stdout, stderr }
+    }
+
+    /// Starts the `serin` binary under test with `args`.
+    pub fn serin(args: &[&str], name: &str) -> Proc {
+        Proc::spawn(Path::new(env!("CARGO_BIN_EXE_serin")), args, name)
+    }
+
+    /// Every stderr line so far.
+    pub fn stderr_text(&self) -> String {
+        self.stderr.lock().expect("lines").join("\n")
+    }
+
+    /// Every stdout line so far.
+    pub fn stdout_lines(&self) -> Vec<String> {
+        self.stdout.lock().expect("lines").clone()
+    }
+
+    /// The first stderr line containing `needle` (bounded wait: [`PROC_WAIT`]).
+    pub fn wait_stderr(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + PROC_WAIT;
+        while Instant::now() < deadline {
+            if let Some(line) = self.stderr.lock().expect("lines").iter().find(|l| l.contains(needle)) {
+                return line.clone();
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("{} exited ({status}) before logging {needle:?}:\n{}", self.name, self.stderr_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("{}: no {needle:?} on stderr within {PROC_WAIT:?}:\n{}", self.name, self.stderr_text());
+    }
+
+    /// Sends SIGTERM with the `kill` command.
+    pub fn term(&self) {
+        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("run kill");
+        assert!(status.success(), "kill -TERM failed");
+    }
+
+    /// Waits for the process to exit (bounded), then for its output to be read.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + PROC_WAIT;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                // Let the reader threads see the end of both pipes.
+                std::thread::sleep(Duration::from_millis(100));
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("{} did not exit within {PROC_WAIT:?}:\n{}", self.name, self.stderr_text());
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A running `serin upstream --version VERSION` on a free loopback port, with `extra`
+/// flags, and its address.
+pub fn start_upstream(version: &str, extra: &[&str]) -> (Proc, SocketAddr) {
+    let mut args = vec!["upstream", "--listen", "127.0.0.1:0", "--version", version];
+    args.extend_from_slice(extra);
+    let mut proc = Proc::serin(&args, &format!("upstream {version}"));
+    let line = proc.wait_stderr("demo upstream listening");
+    let addr = addr_field(&fields(&line), "addr");
+    (proc, addr)
+}
 
 /// A fresh folder under the system temp dir, removed on drop.
 pub struct TempDir(PathBuf);
