@@ -6,7 +6,7 @@
 
 mod process_support;
 
-use process_support::{Proc, TempDir, addr_field, fields, start_upstream};
+use process_support::{Proc, TempDir, addr_field, spawn_sidecar, start_upstream};
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -30,33 +30,9 @@ struct Bound {
 
 fn start_sidecar(config: &Path, extra: &[&str]) -> (Proc, Bound) {
     let config = config.to_string_lossy().into_owned();
-    let mut args = vec![
-        "sidecar",
-        "--config",
-        &config,
-        "--outbound",
-        "127.0.0.1:0",
-        "--inbound",
-        "127.0.0.1:0",
-        "--admin",
-        "127.0.0.1:0",
-        "--metrics",
-        "127.0.0.1:0",
-        "--health",
-        "127.0.0.1:0",
-        "--workload",
-        "frontend",
-        "--app-label",
-        "frontend",
-        "--app-version",
-        "v1",
-        "--drain-timeout",
-        "15s",
-    ];
-    args.extend_from_slice(extra);
-    let mut proc = Proc::serin(&args, "sidecar");
-    let line = proc.wait_stderr("sidecar ready");
-    let f = fields(&line);
+    let mut flags = vec!["--config", &config, "--drain-timeout", "15s"];
+    flags.extend_from_slice(extra);
+    let (proc, f) = spawn_sidecar(&flags);
     let bound = Bound {
         outbound: addr_field(&f, "outbound"),
         inbound: addr_field(&f, "inbound"),

@@ -17,7 +17,7 @@
 
 mod process_support;
 
-use process_support::{Proc, TempDir, addr_field, fields, start_upstream};
+use process_support::{Proc, TempDir, addr_field, fields, spawn_sidecar, start_upstream};
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -396,34 +396,9 @@ fn the_dashboard_shows_both_versions_and_its_rollback_button_needs_the_token() {
     );
     let listen = addr_field(&fields(&cp.wait_stderr("control plane ready")), "listen");
     let ui = addr_field(&fields(&cp.wait_stderr("dashboard on http://")), "ui");
-    let mut sidecar = Proc::serin(
-        &[
-            "sidecar",
-            "--control-plane",
-            &listen.to_string(),
-            "--node-id",
-            "frontend-1",
-            "--outbound",
-            "127.0.0.1:0",
-            "--inbound",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--metrics",
-            "127.0.0.1:0",
-            "--health",
-            "127.0.0.1:0",
-            "--workload",
-            "frontend",
-            "--app-label",
-            "frontend",
-            "--app-version",
-            "v1",
-            "--no-access-log",
-        ],
-        "sidecar",
-    );
-    let bound = fields(&sidecar.wait_stderr("sidecar ready"));
+    let listen_arg = listen.to_string();
+    let (sidecar, bound) =
+        spawn_sidecar(&["--control-plane", &listen_arg, "--node-id", "frontend-1", "--no-access-log"]);
     let (outbound, admin) = (addr_field(&bound, "outbound"), addr_field(&bound, "admin"));
     let deadline = Instant::now() + WAIT;
     while http(admin, "GET", "/ready", &[], "").status != 200 {

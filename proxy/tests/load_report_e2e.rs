@@ -9,7 +9,7 @@
 
 mod process_support;
 
-use process_support::{Proc, TempDir, addr_field, fields, start_upstream};
+use process_support::{Proc, TempDir, addr_field, fields, spawn_sidecar, start_upstream};
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -137,35 +137,8 @@ fn a_sidecars_load_reports_reach_ctl_load_and_get_load_by_version() {
     let ready = fields(&cp.wait_stderr("control plane ready"));
     let (listen, monitoring) = (addr_field(&ready, "listen"), addr_field(&ready, "monitoring"));
     let listen_arg = listen.to_string();
-    let mut sidecar = Proc::serin(
-        &[
-            "sidecar",
-            "--control-plane",
-            &listen_arg,
-            "--node-id",
-            "frontend-1",
-            "--load-report-interval",
-            "200ms",
-            "--outbound",
-            "127.0.0.1:0",
-            "--inbound",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--metrics",
-            "127.0.0.1:0",
-            "--health",
-            "127.0.0.1:0",
-            "--workload",
-            "frontend",
-            "--app-label",
-            "frontend",
-            "--app-version",
-            "v1",
-        ],
-        "sidecar",
-    );
-    let bound = fields(&sidecar.wait_stderr("sidecar ready"));
+    let (sidecar, bound) =
+        spawn_sidecar(&["--control-plane", &listen_arg, "--node-id", "frontend-1", "--load-report-interval", "200ms"]);
     let (outbound, health) = (addr_field(&bound, "outbound"), addr_field(&bound, "health"));
     // Ready = the first config from the control plane is applied.
     let deadline = Instant::now() + WAIT;

@@ -112,6 +112,38 @@ impl Drop for Proc {
     }
 }
 
+/// The flags that put a `serin sidecar` on free loopback ports as workload `frontend`
+/// (app `frontend`, version `v1`).
+pub const LOOPBACK_SIDECAR: [&str; 16] = [
+    "--outbound",
+    "127.0.0.1:0",
+    "--inbound",
+    "127.0.0.1:0",
+    "--admin",
+    "127.0.0.1:0",
+    "--metrics",
+    "127.0.0.1:0",
+    "--health",
+    "127.0.0.1:0",
+    "--workload",
+    "frontend",
+    "--app-label",
+    "frontend",
+    "--app-version",
+    "v1",
+];
+
+/// Starts `serin sidecar` with `flags` and [`LOOPBACK_SIDECAR`]; returns it once it
+/// logged `sidecar ready`, with that line's fields (its listeners' addresses).
+pub fn spawn_sidecar(flags: &[&str]) -> (Proc, HashMap<String, String>) {
+    let mut args = vec!["sidecar"];
+    args.extend_from_slice(flags);
+    args.extend_from_slice(&LOOPBACK_SIDECAR);
+    let mut proc = Proc::serin(&args, "sidecar");
+    let ready = fields(&proc.wait_stderr("sidecar ready"));
+    (proc, ready)
+}
+
 /// A running `serin upstream --version VERSION` on a free loopback port, with `extra`
 /// flags, and its address.
 pub fn start_upstream(version: &str, extra: &[&str]) -> (Proc, SocketAddr) {
