@@ -232,6 +232,10 @@ pub fn judge(spec: &pb::CanarySpec, canary: &Figures, stable: Option<&Figures>) 
         }
     }
     if let Some(drop) = spec.max_success_drop_percent {
+        // The canary's own checks failed: that stands whatever the stable's traffic.
+        if !failures.is_empty() {
+            return Verdict::Fail(failures);
+        }
         let Some(stable) = stable.filter(|s| s.requests >= spec.min_requests) else {
             let n = stable.map_or(0, |s| s.requests);
             return Verdict::Wait(format!(
@@ -943,6 +947,17 @@ mod tests {
         let current = s.weights_for(s.weight);
         s.interval(13, &current, figs("v2", 100, 99.0, 10.0), figs("v1", 2, 100.0, 10.0));
         assert_eq!(s.events.back().map(|e| e.kind.as_str()), Some("wait"));
+    }
+
+    #[test]
+    fn the_canarys_own_failures_count_without_stable_traffic() {
+        let sp = pb::CanarySpec { min_success_percent: Some(99.0), max_success_drop_percent: Some(1.0), ..spec() };
+        let mut s = started(sp);
+        let current = s.weights_for(s.weight);
+        // Too little stable traffic to compare, but the canary fails its own minimum.
+        s.interval(10, &current, figs("v2", 100, 80.0, 10.0), figs("v1", 2, 100.0, 10.0));
+        assert_eq!(s.failed_checks, 1);
+        assert_eq!(s.events.back().map(|e| e.kind.as_str()), Some("failed-check"));
     }
 
     #[test]
