@@ -306,6 +306,11 @@ pub fn status_json(shared: &Shared) -> Value {
         "last_ack": outcome_json(info.last_ack.as_ref()),
         "last_nack": outcome_json(info.last_nack.as_ref()),
         "last_nack_reason": status.last_nack,
+        "load_reports": {
+            "sent": status.load_reports_sent,
+            "dropped": status.load_reports_dropped,
+            "requests_not_reported": shared.metrics.load().overflow(),
+        },
     })
 }
 

@@ -140,6 +140,7 @@ fn a_sidecars_load_reports_reach_ctl_load_and_get_load_by_version() {
     let (sidecar, bound) =
         spawn_sidecar(&["--control-plane", &listen_arg, "--node-id", "frontend-1", "--load-report-interval", "200ms"]);
     let (outbound, health) = (addr_field(&bound, "outbound"), addr_field(&bound, "health"));
+    let admin = addr_field(&bound, "admin");
     // Ready = the first config from the control plane is applied.
     let deadline = Instant::now() + WAIT;
     while get(health, "health", "/healthz/ready").0 != 200 {
@@ -203,4 +204,12 @@ fn a_sidecars_load_reports_reach_ctl_load_and_get_load_by_version() {
         .and_then(|n| n.trim().parse::<u64>().ok())
         .unwrap_or_else(|| panic!("no serin_load_reports_total:\n{metrics}"));
     assert!(reports >= 1, "{metrics}");
+
+    // The sidecar's `/config_dump` counts the reports it sent, none dropped or left out.
+    let (status, _, dump) = get(admin, "admin", "/config_dump");
+    assert_eq!(status, 200);
+    let dump: serde_json::Value = serde_json::from_str(&dump).expect("config_dump is JSON");
+    let counts = &dump["control_plane"]["load_reports"];
+    assert!(counts["sent"].as_u64().is_some_and(|n| n >= 1), "{counts}");
+    assert_eq!(counts["requests_not_reported"].as_u64(), Some(0), "{counts}");
 }
