@@ -17,7 +17,9 @@
 
 mod process_support;
 
-use process_support::{Proc, TempDir, addr_field, fields, spawn_sidecar, start_upstream};
+use process_support::{
+    PAYMENT_FQDN, Proc, TempDir, addr_field, fields, payment_mesh_yaml, spawn_sidecar, start_upstream,
+};
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -32,53 +34,9 @@ const WAIT: Duration = Duration::from_secs(30);
 /// How long the load reports may take to show on the page.
 const FIGURES_WAIT: Duration = Duration::from_secs(40);
 const TOKEN: &str = "browser-test-admin-token-42";
-const FQDN: &str = "payment.default.svc.cluster.local";
 const REQUESTS: usize = 200;
 
 // ---- processes --------------------------------------------------------------------
-
-/// `payment` with one v1 and one v2 endpoint, an even split, no retries (so every
-/// answer the client sees comes from the version that was picked).
-fn mesh_yaml(v1: SocketAddr, v2: SocketAddr) -> String {
-    format!(
-        r#"apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: payment, namespace: default}}
-spec:
-  hosts: [{FQDN}]
-  location: MESH_INTERNAL
-  resolution: STATIC
-  ports: [{{number: 8080, name: http, protocol: HTTP}}]
-  endpoints:
-  - {{address: {}, ports: {{http: {}}}, labels: {{app: payment, version: v1}}}}
-  - {{address: {}, ports: {{http: {}}}, labels: {{app: payment, version: v2}}}}
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {{name: payment, namespace: default}}
-spec:
-  host: payment
-  subsets:
-  - {{name: v1, labels: {{version: v1}}}}
-  - {{name: v2, labels: {{version: v2}}}}
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: payment, namespace: default}}
-spec:
-  hosts: [{FQDN}]
-  http:
-  - route:
-    - {{destination: {{host: {FQDN}, subset: v1}}, weight: 50}}
-    - {{destination: {{host: {FQDN}, subset: v2}}, weight: 50}}
-    retries: {{attempts: 0}}
-"#,
-        v1.ip(),
-        v1.port(),
-        v2.ip(),
-        v2.port()
-    )
-}
 
 // ---- plain HTTP/1.1 -----------------------------------------------------------------
 
@@ -333,7 +291,7 @@ fn ctl_load(control_plane: SocketAddr) -> BTreeMap<String, Vec<String>> {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "serin ctl load: {}{text}", String::from_utf8_lossy(&out.stderr));
     text.lines()
-        .filter(|l| l.starts_with(FQDN))
+        .filter(|l| l.starts_with(PAYMENT_FQDN))
         .map(|l| {
             let cells: Vec<String> = l.split_whitespace().map(str::to_string).collect();
             (cells[1].clone(), cells)
@@ -346,7 +304,7 @@ fn weights(ui: SocketAddr) -> Value {
     let overview: Value = serde_json::from_str(&reply.body).expect("overview JSON");
     overview["services"]
         .as_array()
-        .and_then(|s| s.iter().find(|s| s["service"] == FQDN))
+        .and_then(|s| s.iter().find(|s| s["service"] == PAYMENT_FQDN))
         .map(|s| s["weights"].clone())
         .unwrap_or(Value::Null)
 }
@@ -370,7 +328,7 @@ fn the_dashboard_shows_both_versions_and_its_rollback_button_needs_the_token() {
     let (_v2, v2) = start_upstream("v2", &["--error-rate", "0.2"]);
     let config = tmp.path().join("config");
     std::fs::create_dir_all(&config).expect("config dir");
-    std::fs::write(config.join("payment.yaml"), mesh_yaml(v1, v2)).expect("config");
+    std::fs::write(config.join("payment.yaml"), payment_mesh_yaml(v1, v2)).expect("config");
     let token_file = tmp.path().join("admin.token");
     std::fs::write(&token_file, format!("{TOKEN}\n")).expect("token");
     let (config_arg, state_arg) =

@@ -9,7 +9,9 @@
 
 mod process_support;
 
-use process_support::{Proc, TempDir, addr_field, fields, spawn_sidecar, start_upstream};
+use process_support::{
+    PAYMENT_FQDN, Proc, TempDir, addr_field, fields, payment_mesh_yaml, spawn_sidecar, start_upstream,
+};
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -20,48 +22,6 @@ use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(20);
 const N: usize = 200;
-const PAYMENT: &str = "payment.default.svc.cluster.local";
-
-/// `payment` with one endpoint per version, its subsets, and a 50/50 split.
-fn mesh_yaml(v1: SocketAddr, v2: SocketAddr) -> String {
-    format!(
-        r#"apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: payment, namespace: default}}
-spec:
-  hosts: [{PAYMENT}]
-  location: MESH_INTERNAL
-  resolution: STATIC
-  ports: [{{number: 8080, name: http, protocol: HTTP}}]
-  endpoints:
-  - {{address: {}, ports: {{http: {}}}, labels: {{app: payment, version: v1}}}}
-  - {{address: {}, ports: {{http: {}}}, labels: {{app: payment, version: v2}}}}
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {{name: payment, namespace: default}}
-spec:
-  host: {PAYMENT}
-  subsets:
-  - {{name: v1, labels: {{version: v1}}}}
-  - {{name: v2, labels: {{version: v2}}}}
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: payment, namespace: default}}
-spec:
-  hosts: [{PAYMENT}]
-  http:
-  - route:
-    - {{destination: {{host: {PAYMENT}, subset: v1}}, weight: 50}}
-    - {{destination: {{host: {PAYMENT}, subset: v2}}, weight: 50}}
-"#,
-        v1.ip(),
-        v1.port(),
-        v2.ip(),
-        v2.port()
-    )
-}
 
 /// One HTTP/1.1 request with `Connection: close`: the status and the lower-cased head.
 fn get(addr: SocketAddr, host: &str, path: &str) -> (u16, String, String) {
@@ -97,7 +57,7 @@ fn ctl(listen: SocketAddr, args: &[&str]) -> Output {
 fn table_rows(table: &str) -> Vec<(String, u64, u64)> {
     table
         .lines()
-        .filter(|l| l.starts_with(PAYMENT))
+        .filter(|l| l.starts_with(PAYMENT_FQDN))
         .map(|l| {
             let cols: Vec<&str> = l.split_whitespace().collect();
             assert_eq!(cols.len(), 9, "{l}");
@@ -117,7 +77,7 @@ fn a_sidecars_load_reports_reach_ctl_load_and_get_load_by_version() {
     let (_v1, v1) = start_upstream("v1", &[]);
     let (_v2, v2) = start_upstream("v2", &["--error-rate", "0.2"]);
     let config = tmp.path().join("config");
-    write_folder(&config, &mesh_yaml(v1, v2));
+    write_folder(&config, &payment_mesh_yaml(v1, v2));
     let state = tmp.path().join("state");
     let (config, state) = (config.to_string_lossy().into_owned(), state.to_string_lossy().into_owned());
     let mut cp = Proc::serin(
@@ -151,7 +111,7 @@ fn a_sidecars_load_reports_reach_ctl_load_and_get_load_by_version() {
     // N requests; what the client saw, per version: (requests, 5xx).
     let mut seen: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     for _ in 0..N {
-        let (status, head, body) = get(outbound, PAYMENT, "/");
+        let (status, head, body) = get(outbound, PAYMENT_FQDN, "/");
         let version = header(&head, "x-version").unwrap_or_else(|| panic!("no x-version: {status} {head} {body}"));
         let entry = seen.entry(version.to_string()).or_default();
         entry.0 += 1;
@@ -186,7 +146,7 @@ fn a_sidecars_load_reports_reach_ctl_load_and_get_load_by_version() {
     });
     for v in &figures.versions {
         let (requests, errors) = seen[&v.version];
-        assert_eq!((v.service.as_str(), v.requests, v.status_5xx), (PAYMENT, requests, errors), "{v:?}");
+        assert_eq!((v.service.as_str(), v.requests, v.status_5xx), (PAYMENT_FQDN, requests, errors), "{v:?}");
         assert_eq!(v.status_2xx, requests - errors, "{v:?}");
         assert!(v.p99_ms.is_some(), "{v:?}");
         assert_eq!(v.series.iter().map(|p| p.requests).sum::<u64>(), requests);
@@ -195,7 +155,7 @@ fn a_sidecars_load_reports_reach_ctl_load_and_get_load_by_version() {
     // The monitoring port shows the gauges and the reports.
     let (status, _, metrics) = get(monitoring, "monitoring", "/metrics");
     assert_eq!(status, 200);
-    let gauge = format!("serin_load_requests_per_second{{service=\"{PAYMENT}\",version=\"v2\"}}");
+    let gauge = format!("serin_load_requests_per_second{{service=\"{PAYMENT_FQDN}\",version=\"v2\"}}");
     assert!(metrics.contains(&gauge), "{metrics}");
     assert!(metrics.contains("serin_load_success_ratio{"), "{metrics}");
     let reports = metrics

@@ -213,3 +213,49 @@ pub fn addr_field(fields: &HashMap<String, String>, key: &str) -> SocketAddr {
     let raw = raw.strip_prefix("Some(").and_then(|r| r.strip_suffix(')')).unwrap_or(raw);
     raw.parse().unwrap_or_else(|e| panic!("{key}={raw}: {e}"))
 }
+
+/// The FQDN of the `payment` service of [`payment_mesh_yaml`].
+pub const PAYMENT_FQDN: &str = "payment.default.svc.cluster.local";
+
+/// `payment` with one v1 and one v2 endpoint, their subsets, an even split and no
+/// retries (so every answer a client sees comes from the version that was picked).
+pub fn payment_mesh_yaml(v1: SocketAddr, v2: SocketAddr) -> String {
+    format!(
+        r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: payment, namespace: default}}
+spec:
+  hosts: [{PAYMENT_FQDN}]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: 8080, name: http, protocol: HTTP}}]
+  endpoints:
+  - {{address: {}, ports: {{http: {}}}, labels: {{app: payment, version: v1}}}}
+  - {{address: {}, ports: {{http: {}}}, labels: {{app: payment, version: v2}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: payment, namespace: default}}
+spec:
+  host: {PAYMENT_FQDN}
+  subsets:
+  - {{name: v1, labels: {{version: v1}}}}
+  - {{name: v2, labels: {{version: v2}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: payment, namespace: default}}
+spec:
+  hosts: [{PAYMENT_FQDN}]
+  http:
+  - route:
+    - {{destination: {{host: {PAYMENT_FQDN}, subset: v1}}, weight: 50}}
+    - {{destination: {{host: {PAYMENT_FQDN}, subset: v2}}, weight: 50}}
+    retries: {{attempts: 0}}
+"#,
+        v1.ip(),
+        v1.port(),
+        v2.ip(),
+        v2.port()
+    )
+}
