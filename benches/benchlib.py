@@ -38,9 +38,14 @@ def wait_http(url, timeout=10.0):
 
 def cpu_seconds(pid):
     """utime + stime of one process (all its threads), seconds."""
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid):
+    """(utime, stime) of one process (all its threads): user-space and kernel seconds."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+    return int(fields[11]) / TICKS, int(fields[12]) / TICKS
 
 
 def status_kb(pid, key):
@@ -83,6 +88,18 @@ def tree_cpu_seconds(pid):
     return total
 
 
+def tree_cpu_split(pid):
+    """(utime, stime) seconds summed over `pid`'s process tree."""
+    user = system = 0.0
+    for p in tree_pids(pid):
+        try:
+            u, s = cpu_split(p)
+        except OSError:
+            continue  # exited meanwhile
+        user, system = user + u, system + s
+    return user, system
+
+
 def tree_status_kb(pid, key):
     """`status_kb` summed over `pid`'s process tree, and the largest single process."""
     values = []
@@ -110,8 +127,10 @@ def tree_pss_kb(pid):
     return total
 
 
-def config(v1, v2, mesh=False):
-    """The 95/5 canary over two endpoints; `mesh` marks them as sidecars (auto-mTLS)."""
+def config(v1, v2, mesh=False, h1=False):
+    """The 95/5 canary over two endpoints; `mesh` marks them as sidecars (auto-mTLS);
+    `h1` keeps HTTP/1.1 on the hop between sidecars (`h2UpgradePolicy: DO_NOT_UPGRADE`)."""
+    policy = "  trafficPolicy: {connectionPool: {http: {h2UpgradePolicy: DO_NOT_UPGRADE}}}\n" if h1 else ""
     extra = ", serviceAccount: payment" if mesh else ""
     label = ", security.istio.io/tlsMode: istio" if mesh else ""
     eps = "".join(
@@ -123,7 +142,8 @@ def config(v1, v2, mesh=False):
         "spec:\n  hosts: [payment.default.svc.cluster.local]\n  resolution: STATIC\n"
         "  ports: [{number: 8080, name: http, protocol: HTTP}]\n  endpoints:\n" + eps +
         "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: payment, namespace: default}\n"
-        "spec:\n  host: payment\n  subsets:\n  - {name: v1, labels: {version: v1}}\n  - {name: v2, labels: {version: v2}}\n"
+        "spec:\n  host: payment\n" + policy + "  subsets:\n  - {name: v1, labels: {version: v1}}\n"
+        "  - {name: v2, labels: {version: v2}}\n"
         "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: payment, namespace: default}\n"
         "spec:\n  hosts: [payment]\n  http:\n  - route:\n"
         "    - {destination: {host: payment, subset: v1}, weight: 95}\n"

@@ -3,7 +3,8 @@
 
 Starts two demo upstreams (`serin upstream --body-size 1024`, v1 and v2) and, on
 loopback, (1) one `serin sidecar` splitting 95/5 between them, and (2) the mutual
-TLS sidecar pair (sidecar A -> mTLS/h2 -> sidecar B1/B2 -> upstream, identities from
+TLS sidecar pair (sidecar A -> mTLS, HTTP/2 (--mesh-h1: HTTP/1.1) -> sidecar B1/B2 ->
+upstream, identities from
 `serin ca`, STRICT PeerAuthentication), as benches/proxy_bench.py --pairs does.
 Warms each path up, then counts the proxies' instructions over a fixed number of
 requests sent by `serin-load --requests N --connections 64` (HTTP/1.1).
@@ -36,6 +37,7 @@ from benchlib import (BIN, ROOT, Sidecar, config, cpu_model, free_port, serin_ca
                       stop_all, wait_http, write)
 
 CONNECTIONS = 64
+MESH_H1 = False  # --mesh-h1: h2UpgradePolicy DO_NOT_UPGRADE on the pair's mTLS hop
 
 
 def hw_counters():
@@ -121,7 +123,7 @@ def start_paths(tmp, procs, v1, v2, valgrind, outdir):
     ids = serin_ca(tmp)
     b1 = sidecar("pair-b1", None, ids["payment"], app=v1)
     b2 = sidecar("pair-b2", None, ids["payment"], app=v2)
-    write(os.path.join(tmp, "pair-mtls"), "payment.yaml", config(b1.inbound, b2.inbound, mesh=True))
+    write(os.path.join(tmp, "pair-mtls"), "payment.yaml", config(b1.inbound, b2.inbound, mesh=True, h1=MESH_H1))
     a = sidecar("pair-a", os.path.join(tmp, "pair-mtls"), ids["frontend"])
     return {"one hop": (one.outbound, [one]), "mTLS pair": (a.outbound, [a, b1, b2])}
 
@@ -225,7 +227,11 @@ def main():
     ap.add_argument("--memory", action="store_true",
                     help="only the one-hop sidecar's start-to-ready time, idle and peak RSS (no instruction counts)")
     ap.add_argument("--keep", help="keep the callgrind output files in this folder (for callgrind_annotate)")
+    ap.add_argument("--mesh-h1", action="store_true",
+                    help="the pair keeps HTTP/1.1 on the mTLS hop (h2UpgradePolicy: DO_NOT_UPGRADE)")
     args = ap.parse_args()
+    global MESH_H1
+    MESH_H1 = args.mesh_h1
     if not args.no_build:
         subprocess.run(["cargo", "build", "--release", "-q", "-p", "serin", "-p", "serin-benches"], cwd=ROOT,
                        check=True)

@@ -83,7 +83,12 @@ pub fn main() -> ExitCode {
             }
         };
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let concurrency = match &cli.command {
+        Command::Sidecar(args) => args.concurrency,
+        Command::Gateway(args) => args.concurrency,
+        _ => 0,
+    };
+    let runtime = match crate::runtime::build(concurrency) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("serin: cannot start the runtime: {e}");

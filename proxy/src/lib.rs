@@ -33,6 +33,7 @@ pub mod outbound;
 pub mod reload;
 pub mod request_info;
 pub mod router;
+pub mod runtime;
 pub mod security;
 pub mod sidecar;
 pub mod snapshot;

@@ -8,7 +8,7 @@ use std::sync::{Arc, OnceLock};
 use arc_swap::ArcSwapOption;
 use serin_certs::{ALPN_HTTP11, CertSource, IdentityBundle, SpiffeId, client_config};
 
-use crate::snapshot::{Cluster, Endpoint, TlsMode};
+use crate::snapshot::{Cluster, ConnectionPool, Endpoint, TlsMode};
 use crate::upstream::pool::{PoolError, UpstreamProtocol, UpstreamTls};
 
 /// The endpoint label Istio's injector sets on workloads that have a sidecar.
@@ -18,7 +18,7 @@ pub const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
 #[derive(Default)]
 pub struct MeshIdentity {
     source: OnceLock<Arc<dyn CertSource>>,
-    /// An HTTP/1.1-only client config for upgrades, built per bundle. The bundle
+    /// An HTTP/1.1-only client config (ALPN `http/1.1`), built per bundle. The bundle
     /// itself is kept (not its address): a freed bundle's address can be reused by
     /// the next one, which would then get the old certificate's config.
     http1: ArcSwapOption<(Arc<IdentityBundle>, Arc<rustls::ClientConfig>)>,
@@ -62,19 +62,19 @@ impl MeshIdentity {
     }
 
     /// The mutual-TLS settings for a connection to `endpoint` of `cluster`, or
-    /// `None` for plaintext. `upgrade` asks for HTTP/1.1 (an upgrade cannot ride
-    /// HTTP/2); otherwise the client offers `h2` first.
+    /// `None` for plaintext. `http1` asks for a connection that speaks HTTP/1.1
+    /// (ALPN `http/1.1` only); otherwise the client offers `h2` first.
     pub fn upstream_tls(
         &self,
         cluster: &Cluster,
         endpoint: &Arc<Endpoint>,
-        upgrade: bool,
+        http1: bool,
     ) -> Result<Option<UpstreamTls>, PoolError> {
         if !wants_mtls(cluster, endpoint) {
             return Ok(None);
         }
         let bundle = self.bundle().ok_or(PoolError::NoIdentity { addr: endpoint.addr })?;
-        let config = if upgrade { self.http1_config(&bundle)? } else { bundle.client_config().clone() };
+        let config = if http1 { self.http1_config(&bundle)? } else { bundle.client_config().clone() };
         // The acceptable identities are worked out when a connection is opened,
         // not for every request that rides a pooled one.
         Ok(Some(UpstreamTls { config, expected: ExpectedPeer { bundle, endpoint: endpoint.clone() } }))
@@ -135,8 +135,11 @@ pub fn wants_mtls(cluster: &Cluster, endpoint: &Endpoint) -> bool {
     }
 }
 
-/// The protocol of a mutual-TLS hop: HTTP/2, multiplexing requests on few
-/// connections, except for upgrades.
-pub fn mesh_protocol(upgrade: bool) -> UpstreamProtocol {
-    if upgrade { UpstreamProtocol::Http1 } else { UpstreamProtocol::Http2 }
+/// The protocol of a mutual-TLS hop between sidecars: HTTP/2, multiplexing
+/// requests on one connection per destination (fewer connections, handshakes and
+/// system calls under load), unless the DestinationRule says
+/// `h2UpgradePolicy: DO_NOT_UPGRADE` or `useClientProtocol`, or the request is an
+/// upgrade (WebSocket): then `plain`, the protocol the destination port calls for.
+pub fn mesh_protocol(pool: &ConnectionPool, plain: UpstreamProtocol, upgrade: bool) -> UpstreamProtocol {
+    if upgrade || pool.use_client_protocol || pool.h2_upgrade == Some(false) { plain } else { UpstreamProtocol::Http2 }
 }

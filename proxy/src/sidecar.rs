@@ -68,6 +68,11 @@ pub struct SidecarArgs {
     /// How long a drain lets requests in flight finish.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
+    /// Worker threads (Envoy's `--concurrency`, Istio's `concurrency`); 0 = one
+    /// per core the process may run on. With one, the proxy runs on a single
+    /// thread: no cross-thread wake-ups or work stealing.
+    #[arg(long, env = "SERIN_CONCURRENCY", default_value_t = 0)]
+    pub concurrency: usize,
     /// Captured traffic to destinations the registry does not know: on to where
     /// it was going (`ALLOW_ANY`, Istio's default) or refused (`REGISTRY_ONLY`).
     #[arg(long, value_enum, env = "SERIN_OUTBOUND_TRAFFIC_POLICY", default_value = "ALLOW_ANY")]

@@ -428,6 +428,13 @@ pub struct ConnectionPool {
     pub max_requests_per_connection: u32,
     /// `http.idleTimeout` (1 h).
     pub idle_timeout: Duration,
+    /// `http.h2UpgradePolicy`: `Some(true)` for `UPGRADE` (HTTP/1.1 requests go
+    /// upstream as HTTP/2), `Some(false)` for `DO_NOT_UPGRADE`, `None` for `DEFAULT`
+    /// or unset: HTTP/2 between sidecars, the port's protocol to plaintext upstreams.
+    pub h2_upgrade: Option<bool>,
+    /// `http.useClientProtocol`: the upstream connection speaks the client's
+    /// HTTP version, whatever the port declares (and no upgrade).
+    pub use_client_protocol: bool,
 }
 
 impl Default for ConnectionPool {
@@ -438,6 +445,8 @@ impl Default for ConnectionPool {
             max_pending_requests: u32::MAX,
             max_requests_per_connection: 0,
             idle_timeout: Duration::from_secs(3600),
+            h2_upgrade: None,
+            use_client_protocol: false,
         }
     }
 }

@@ -154,6 +154,30 @@ fn invalid_values_are_named() {
 }
 
 #[test]
+fn h2_upgrade_policy_and_client_protocol() {
+    let dr = |http: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: d, namespace: prod}}\nspec:\n  host: multi\n  trafficPolicy: {{connectionPool: {{http: {{{http}}}}}}}\n"
+        )
+    };
+    let pool = |http: &str| {
+        let s = compile(&dr(http)).expect("compiles");
+        s.clusters.get("outbound|80||multi.prod.svc.cluster.local").expect("cluster").policy.pool.clone()
+    };
+    let p = pool("h2UpgradePolicy: UPGRADE");
+    assert!(p.h2_upgrade == Some(true) && !p.use_client_protocol);
+    assert_eq!(pool("h2UpgradePolicy: DO_NOT_UPGRADE").h2_upgrade, Some(false));
+    assert_eq!(pool("h2UpgradePolicy: DEFAULT").h2_upgrade, None);
+    assert_eq!(pool("idleTimeout: 1h").h2_upgrade, None);
+    assert!(pool("useClientProtocol: true").use_client_protocol);
+    assert!(!pool("useClientProtocol: false").use_client_protocol);
+    let e = errors_of(load(&dr("h2UpgradePolicy: SOMETIMES")));
+    assert!(e.contains("spec.trafficPolicy.connectionPool.http.h2UpgradePolicy") && e.contains("SOMETIMES"), "{e}");
+    let e = errors_of(load(&dr("useClientProtocol: maybe")));
+    assert!(e.contains("spec.trafficPolicy.connectionPool.http.useClientProtocol"), "{e}");
+}
+
+#[test]
 fn kinds() {
     let e = errors_of(load("apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec: {}\n"));
     assert!(e.contains("unknown kind \"Service\""), "{e}");

@@ -118,3 +118,57 @@ async fn websocket_through_the_mtls_chain() {
     assert_eq!(status, 200);
     assert_eq!(version_of(&body).as_deref(), Some("v1"));
 }
+
+/// The frontend's `/clusters` entry for the payment sidecar's inbound address.
+async fn payment_host(m: &Mesh) -> serde_json::Value {
+    let addr = m.payment.sidecar.bound.inbound.to_string();
+    let clusters = m.frontend.admin_json("/clusters?format=json").await;
+    let hosts = clusters["cluster_statuses"].as_array().expect("cluster_statuses").iter().flat_map(|c| {
+        c["host_statuses"].as_array().cloned().unwrap_or_default()
+    });
+    hosts.into_iter().find(|h| h["address"] == addr.as_str()).unwrap_or_else(|| panic!("no host {addr}: {clusters}"))
+}
+
+/// A DestinationRule for `payment` with `connectionPool.http` set to `http`.
+fn payment_pool_rule(http: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: payment, namespace: default}}\nspec:\n  host: payment\n  trafficPolicy:\n    connectionPool:\n      http: {{{http}}}\n"
+    )
+}
+
+/// Sends `n` HTTP/1.1 requests on one client connection; each must reach v1
+/// over mutual TLS (the app sees the caller's identity).
+async fn http1_requests(m: &Mesh, n: usize) {
+    let mut client = Client::connect(m.frontend.bound.outbound, "payment").await;
+    for _ in 0..n {
+        let (status, body) = client.get("/echo", &[]).await;
+        assert_eq!(status, 200, "body: {}", String::from_utf8_lossy(&body));
+        let echo = String::from_utf8_lossy(&body);
+        assert!(echo.contains("URI=spiffe://cluster.local/ns/default/sa/frontend"), "echo: {echo}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_rides_http2_between_sidecars_unless_the_rule_says_otherwise() {
+    // Unset, DEFAULT and UPGRADE: two client connections at once, both on the one
+    // HTTP/2 mTLS connection to the payment sidecar.
+    for rule in [None, Some("h2UpgradePolicy: DEFAULT"), Some("h2UpgradePolicy: UPGRADE")] {
+        let extra: Vec<String> = rule.map(payment_pool_rule).into_iter().collect();
+        let m = mesh(&[STRICT.to_string()], &extra).await;
+        let ((), ()) = tokio::join!(http1_requests(&m, 10), http1_requests(&m, 10));
+        let host = payment_host(&m).await;
+        assert_eq!(host["connection_http2"], true, "{rule:?}: {host}");
+        assert_eq!(host["connections_open"], 0, "{rule:?}: no HTTP/1.1 connection: {host}");
+        assert_eq!(host["total_requests"], 20, "{rule:?}: {host}");
+    }
+    // DO_NOT_UPGRADE (Istio's mesh default), and useClientProtocol even with
+    // UPGRADE: HTTP/1.1 over one pooled keep-alive mTLS connection.
+    for rule in ["h2UpgradePolicy: DO_NOT_UPGRADE", "h2UpgradePolicy: UPGRADE, useClientProtocol: true"] {
+        let m = mesh(&[STRICT.to_string()], &[payment_pool_rule(rule)]).await;
+        http1_requests(&m, 10).await;
+        let host = payment_host(&m).await;
+        assert_eq!(host["connection_http2"], false, "{rule}: {host}");
+        assert_eq!(host["connections_open"], 1, "{rule}: {host}");
+        assert_eq!(host["total_requests"], 10, "{rule}: {host}");
+    }
+}

@@ -268,7 +268,7 @@ fn endpoint(ep: &Endpoint) -> Value {
         "ejections": state.ejections.load(Ordering::Relaxed),
         "active_requests": state.active.load(Ordering::Relaxed),
         "total_requests": state.total.load(Ordering::Relaxed),
-        "connections": { "open": open, "idle": idle },
+        "connections": { "open": open, "idle": idle, "http2": state.pool.has_http2() },
     })
 }
 
@@ -385,6 +385,7 @@ pub fn clusters_json(shared: &Shared) -> Value {
                         "total_requests": ep.state.total.load(Ordering::Relaxed),
                         "connections_open": open,
                         "connections_idle": idle,
+                        "connection_http2": ep.state.pool.has_http2(),
                     })
                 })
                 .collect();

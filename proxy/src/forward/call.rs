@@ -11,11 +11,11 @@ use hyper_util::rt::TokioIo;
 
 use crate::body::{self, ProxyBody};
 use crate::flags::ResponseFlags;
-use crate::mesh_tls;
 use crate::request_info::Text;
 use crate::snapshot::{Cluster, Route};
 use crate::upstream::balance;
 use crate::upstream::outlier::{self, Outcome};
+use crate::mesh_tls;
 use crate::upstream::pool::{PoolError, PooledBody, UpstreamProtocol};
 
 use super::record::{Recorder, grpc_status};
@@ -116,10 +116,13 @@ pub async fn call(
         rec.info.attempts = attempt + 1;
         rec.set_active(endpoint.state.clone());
 
-        let upgrade = head.headers.contains_key(header::UPGRADE);
-        let checkout = match rec.shared().mesh.upstream_tls(cluster, &endpoint, upgrade) {
+        let protocol = if mesh_tls::wants_mtls(cluster, &endpoint) {
+            mesh_tls::mesh_protocol(&cluster.policy.pool, head.protocol, head.headers.contains_key(header::UPGRADE))
+        } else {
+            head.protocol
+        };
+        let checkout = match rec.shared().mesh.upstream_tls(cluster, &endpoint, protocol == UpstreamProtocol::Http1) {
             Ok(tls) => {
-                let protocol = if tls.is_some() { mesh_tls::mesh_protocol(upgrade) } else { head.protocol };
                 let pool = &endpoint.state.pool;
                 pool.checkout(protocol, &cluster.policy.pool, tls.as_ref()).await.map(|conn| (conn, protocol))
             }

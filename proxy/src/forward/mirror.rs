@@ -10,6 +10,7 @@ use http_body_util::BodyExt;
 use crate::snapshot::Mirror;
 use crate::state::Shared;
 use crate::upstream::balance;
+use crate::upstream::pool::UpstreamProtocol;
 
 use super::call::{RequestBody, UpstreamHead};
 
@@ -32,14 +33,18 @@ pub fn maybe_send(shared: &Arc<Shared>, mirror: &Mirror, head: &UpstreamHead, bo
     let shared = shared.clone();
     tokio::spawn(async move {
         let mesh = &shared.mesh;
-        let tls = match mesh.upstream_tls(&cluster, &endpoint, false) {
+        let protocol = if crate::mesh_tls::wants_mtls(&cluster, &endpoint) {
+            crate::mesh_tls::mesh_protocol(&cluster.policy.pool, head.protocol, false)
+        } else {
+            head.protocol
+        };
+        let tls = match mesh.upstream_tls(&cluster, &endpoint, protocol == UpstreamProtocol::Http1) {
             Ok(tls) => tls,
             Err(e) => {
                 tracing::debug!(cluster = %cluster.name, error = %e, "mirror: no mutual TLS possible");
                 return;
             }
         };
-        let protocol = if tls.is_some() { crate::mesh_tls::mesh_protocol(false) } else { head.protocol };
         let conn = match endpoint.state.pool.checkout(protocol, &cluster.policy.pool, tls.as_ref()).await {
             Ok(conn) => conn,
             Err(e) => {

@@ -388,28 +388,37 @@ fn incoming_is_small<B: http_body::Body>(headers: &HeaderMap, body: &B) -> bool 
 }
 
 /// The upstream HTTP version. The service port's declared protocol decides, as in
-/// Istio: `HTTP2` / `GRPC` / `GRPC-WEB` → h2c, `HTTP` → HTTP/1.1 whatever the client
+/// Istio: `HTTP2` / `GRPC` / `GRPC-WEB` → h2, `HTTP` → HTTP/1.1 whatever the client
 /// speaks (an HTTP/1.1-only app behind an `HTTP` port must work for h2c clients).
 /// gRPC from an HTTP/2 client stays HTTP/2 (it cannot work over HTTP/1.1); a port
 /// with another or no protocol keeps the client's version; an HTTP/1.1 upgrade
-/// (WebSocket) always goes upstream as HTTP/1.1.
+/// (WebSocket) always goes upstream as HTTP/1.1. The DestinationRule's
+/// `h2UpgradePolicy: UPGRADE` sends HTTP/1.1 requests as HTTP/2, and
+/// `useClientProtocol` keeps the client's version whatever the port says.
+/// Between sidecars (mutual TLS), [`crate::mesh_tls::mesh_protocol`] decides.
 fn upstream_protocol(
     cluster: &crate::snapshot::Cluster,
     downstream: Version,
     grpc: bool,
     upgrade: bool,
 ) -> UpstreamProtocol {
+    let pool = &cluster.policy.pool;
+    if upgrade {
+        return UpstreamProtocol::Http1;
+    }
+    if pool.use_client_protocol {
+        return if downstream == Version::HTTP_2 { UpstreamProtocol::Http2 } else { UpstreamProtocol::Http1 };
+    }
     // Compared without case and without an upper-case copy.
     let declared = cluster.service.ports.iter().find(|(port, _)| *port == cluster.port).map(|(_, p)| p.as_str());
     let is = |name: &str| declared.is_some_and(|p| p.eq_ignore_ascii_case(name));
-    let h2 = !upgrade
-        && if is("HTTP2") || is("GRPC") || is("GRPC-WEB") {
-            true
-        } else if is("HTTP") {
-            downstream == Version::HTTP_2 && grpc
-        } else {
-            downstream == Version::HTTP_2
-        };
+    let h2 = if is("HTTP2") || is("GRPC") || is("GRPC-WEB") {
+        true
+    } else if is("HTTP") {
+        (downstream == Version::HTTP_2 && grpc) || pool.h2_upgrade == Some(true)
+    } else {
+        downstream == Version::HTTP_2 || pool.h2_upgrade == Some(true)
+    };
     if h2 { UpstreamProtocol::Http2 } else { UpstreamProtocol::Http1 }
 }
 

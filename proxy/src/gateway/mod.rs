@@ -67,6 +67,10 @@ pub struct GatewayArgs {
     /// Folder of `credentialName` secrets: `DIR/<name>/tls.crt`, `tls.key`, `ca.crt`.
     #[arg(long, value_name = "DIR")]
     pub credentials_dir: Option<PathBuf>,
+    /// Worker threads (Envoy's `--concurrency`); 0 = one per core the process may
+    /// run on. With one, the gateway runs on a single thread.
+    #[arg(long, env = "SERIN_CONCURRENCY", default_value_t = 0)]
+    pub concurrency: usize,
     /// This gateway's pod labels (repeatable `key=value`): only Gateways whose
     /// `selector` they satisfy are served. Without it, every Gateway is.
     #[arg(long = "labels", value_name = "KEY=VALUE", value_parser = parse_label)]
@@ -117,6 +121,7 @@ impl GatewayArgs {
             bind_address: IpAddr::from([127, 0, 0, 1]),
             listen: gateway_ports.iter().map(|p| (*p, any)).collect(),
             credentials_dir: None,
+            concurrency: 0,
             labels: Vec::new(),
             cert_dir: None,
             admin: any,

@@ -137,6 +137,14 @@ impl Pool {
         (self.inner.open.load(Ordering::Relaxed), idle)
     }
 
+    /// Whether a live HTTP/2 connection (plaintext or mutual TLS) is pooled.
+    pub fn has_http2(&self) -> bool {
+        let live = |p: &SubPool| {
+            p.h2.lock().map(|c| c.as_ref().is_some_and(|c| !c.sender.is_closed())).unwrap_or(false)
+        };
+        live(&self.inner.plain) || live(&self.inner.mtls)
+    }
+
     /// A connection ready to carry one request: an idle or new HTTP/1.1 connection,
     /// or the shared HTTP/2 connection. Fails without touching any request, so a
     /// connect failure can be retried elsewhere with the same body.

@@ -156,9 +156,9 @@ pub struct HttpSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_retries: Unsupported,
     #[serde(default, rename = "h2UpgradePolicy", skip_serializing_if = "Option::is_none")]
-    pub h2_upgrade_policy: Unsupported,
+    pub h2_upgrade_policy: Option<H2UpgradePolicy>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub use_client_protocol: Unsupported,
+    pub use_client_protocol: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrent_streams: Unsupported,
     #[serde(default, rename = "http2KeepAlive", skip_serializing_if = "Option::is_none")]
@@ -211,6 +211,15 @@ pub struct ClientTlsSettings {
     pub insecure_skip_verify: Unsupported,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_crl: Unsupported,
+}
+
+/// `ConnectionPoolSettings.HTTPSettings.H2UpgradePolicy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[allow(clippy::upper_case_acronyms, non_camel_case_types)]
+pub enum H2UpgradePolicy {
+    DEFAULT,
+    DO_NOT_UPGRADE,
+    UPGRADE,
 }
 
 /// `ClientTLSSettings.TLSmode`.

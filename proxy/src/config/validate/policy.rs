@@ -234,8 +234,12 @@ fn pool(c: &model::ConnectionPoolSettings, path: &str, sink: &mut Sink<'_>) -> C
         let hpath = format!("{path}.http");
         sink.unsupported(h.http2_max_requests.is_some(), &format!("{hpath}.http2MaxRequests"), "");
         sink.unsupported(h.max_retries.is_some(), &format!("{hpath}.maxRetries"), "");
-        sink.unsupported(h.h2_upgrade_policy.is_some(), &format!("{hpath}.h2UpgradePolicy"), "");
-        sink.unsupported(h.use_client_protocol.is_some(), &format!("{hpath}.useClientProtocol"), "");
+        out.h2_upgrade = match h.h2_upgrade_policy {
+            Some(model::H2UpgradePolicy::UPGRADE) => Some(true),
+            Some(model::H2UpgradePolicy::DO_NOT_UPGRADE) => Some(false),
+            Some(model::H2UpgradePolicy::DEFAULT) | None => None,
+        };
+        out.use_client_protocol = h.use_client_protocol == Some(true);
         sink.unsupported(h.max_concurrent_streams.is_some(), &format!("{hpath}.maxConcurrentStreams"), "");
         sink.unsupported(h.http2_keep_alive.is_some(), &format!("{hpath}.http2KeepAlive"), "");
         if let Some(n) =

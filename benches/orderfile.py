@@ -1,0 +1,195 @@
+#!/usr/bin/env python3
+"""Writes proxy/serin.order: the functions a running sidecar executes, for the linker.
+
+The release build of `serin` lays these functions out first and side by side in
+`.text` (lld's `--symbol-ordering-file`, passed by proxy/build.rs). A sidecar then
+keeps the code it runs (start-up, config load, certificates, the one-hop request
+path, both ends of the mutual-TLS pair, metrics and admin pages) in a few MiB of
+contiguous pages, instead of touching pages spread over the whole multi-role binary,
+each mapped with its neighbours by the kernel's fault-around: that was most of a
+sidecar's resident memory (benches/RESULTS.md, "memory").
+
+How: the sidecars of benches/instructions.py (one hop, and the pair A -> mTLS ->
+B1/B2) and a sidecar fed by `serin control-plane` over xDS run under callgrind from
+their first instruction, with mangled names. Each path gets a short load, the admin
+and metrics pages are read, the processes are stopped; every function of the serin
+binary with at least one instruction is kept, hottest first.
+
+A stale order file is harmless: symbols that no longer exist are ignored by the
+linker, new functions are placed after the listed ones. Regenerate it after large
+changes to the data path (it takes a minute or two):
+
+    python3 benches/orderfile.py [--no-build] [--requests 3000]
+
+Loopback only; every process it starts is stopped at the end.
+"""
+
+import argparse
+import collections
+import glob
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import BIN, ROOT, Sidecar, config, free_port, serin_ca, stop_all, wait_http, write  # noqa: E402
+from instructions import load  # noqa: E402
+
+OUT = os.path.join(ROOT, "proxy", "serin.order")
+CALLGRIND = ("valgrind", "--tool=callgrind", "--demangle=no", "--dump-instr=no", "--collect-jumps=no")
+
+
+def callgrind_prefix(outdir, name):
+    return CALLGRIND + (f"--callgrind-out-file={outdir}/{name}.%p",)
+
+
+def fetch(url):
+    """GET `url`, ignoring the answer (the point is the code it runs)."""
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r:
+            r.read()
+    except OSError as e:
+        print(f"orderfile: {url}: {e}", file=sys.stderr)
+
+
+def touch_admin(s):
+    """The pages an operator and Prometheus read."""
+    admin = s.cmd_ports["admin"]
+    for path in ("/config_dump", "/clusters", "/clusters?format=json", "/ready", "/stats"):
+        fetch(f"http://127.0.0.1:{admin}{path}")
+    fetch(f"http://127.0.0.1:{s.cmd_ports['metrics']}/stats/prometheus")
+    fetch(f"http://127.0.0.1:{s.health}/healthz/ready")
+
+
+class TracedSidecar(Sidecar):
+    """A `serin sidecar` under callgrind; remembers its admin and metrics ports."""
+
+    def __init__(self, procs, outdir, name, config_dir, cert_dir=None, app=None, extra=()):
+        super().__init__(procs, config_dir, cert_dir, app=app, prefix=callgrind_prefix(outdir, name), wait=False)
+        cmd = self.proc.args
+        self.cmd_ports = {
+            "admin": int(cmd[cmd.index("--admin") + 1].rsplit(":", 1)[1]),
+            "metrics": int(cmd[cmd.index("--metrics") + 1].rsplit(":", 1)[1]),
+        }
+        wait_http(f"http://127.0.0.1:{self.health}/healthz/ready", timeout=120)
+
+
+def xds_sidecar(procs, outdir, tmp, v1, v2):
+    """`serin control-plane` serving the one-hop config, and a sidecar subscribed to it."""
+    cfg = os.path.join(tmp, "cp-config")
+    write(cfg, "payment.yaml", config(v1, v2))
+    grpc = free_port()
+    cp = subprocess.Popen([os.path.join(BIN, "serin"), "control-plane", "--config-dir", cfg, "--listen",
+                           f"127.0.0.1:{grpc}", "--state-dir", os.path.join(tmp, "cp-state"),
+                           "--monitoring", f"127.0.0.1:{free_port()}", "--ui", f"127.0.0.1:{free_port()}"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    procs.append(cp)
+    outbound, inbound, admin, metrics, health = (free_port() for _ in range(5))
+    cmd = list(callgrind_prefix(outdir, "xds")) + [
+        os.path.join(BIN, "serin"), "sidecar", "--outbound", f"127.0.0.1:{outbound}",
+        "--inbound", f"127.0.0.1:{inbound}", "--admin", f"127.0.0.1:{admin}",
+        "--metrics", f"127.0.0.1:{metrics}", "--health", f"127.0.0.1:{health}", "--no-access-log",
+        "--control-plane", f"127.0.0.1:{grpc}", "--node-id", "orderfile"]
+    procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    wait_http(f"http://127.0.0.1:{health}/healthz/ready", timeout=120)
+    return outbound
+
+
+def self_costs(path, binary):
+    """{mangled function name: self Ir} of `binary`'s functions in one callgrind file."""
+    names = {}  # compressed id -> name, for fn/cfn
+    objs = {}  # compressed id -> object path
+    costs = collections.Counter()
+    current, current_ob, skip_next = None, None, False
+
+    def name_of(value, table):
+        value = value.strip()
+        if value.startswith("("):
+            ident, _, rest = value.partition(")")
+            ident = ident[1:]
+            rest = rest.strip()
+            if rest:
+                table[ident] = rest
+            return table.get(ident, "")
+        return value
+
+    with open(path, errors="replace") as f:
+        for line in f:
+            if line.startswith("ob="):
+                current_ob = name_of(line[3:], objs)
+            elif line.startswith("fn="):
+                current = name_of(line[3:], names) if current_ob == binary else None
+                if current_ob != binary:
+                    name_of(line[3:], names)
+            elif line.startswith("cfn="):
+                name_of(line[4:], names)
+            elif line.startswith("cob="):
+                name_of(line[4:], objs)
+            elif line.startswith("calls="):
+                skip_next = True
+            elif line[:1].isdigit() or line[:1] in "+-*":
+                if skip_next:
+                    skip_next = False
+                    continue
+                parts = line.split()
+                if current and len(parts) >= 2 and parts[1].isdigit():
+                    costs[current] += int(parts[1])
+    return costs
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--no-build", action="store_true", help="do not run cargo build --release first")
+    ap.add_argument("--requests", type=int, default=3000, help="requests per path (default 3000)")
+    ap.add_argument("--out", default=OUT, help=f"order file to write (default {OUT})")
+    args = ap.parse_args()
+    if not args.no_build:
+        subprocess.run(["cargo", "build", "--release", "-p", "serin", "-p", "serin-benches"], cwd=ROOT, check=True)
+    binary = os.path.realpath(os.path.join(BIN, "serin"))
+    procs = []
+    with tempfile.TemporaryDirectory(prefix="serin-order-") as tmp:
+        outdir = os.path.join(tmp, "callgrind")
+        os.makedirs(outdir)
+        try:
+            v1, v2 = free_port(), free_port()
+            for version, port in (("v1", v1), ("v2", v2)):
+                procs.append(subprocess.Popen(
+                    [os.path.join(BIN, "serin"), "upstream", "--version", version, "--listen", f"127.0.0.1:{port}",
+                     "--body-size", "1024"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            wait_http(f"http://127.0.0.1:{v1}/")
+            wait_http(f"http://127.0.0.1:{v2}/")
+            write(os.path.join(tmp, "one-hop"), "payment.yaml", config(v1, v2))
+            one = TracedSidecar(procs, outdir, "one-hop", os.path.join(tmp, "one-hop"))
+            ids = serin_ca(tmp)
+            b1 = TracedSidecar(procs, outdir, "pair-b1", None, ids["payment"], app=v1)
+            b2 = TracedSidecar(procs, outdir, "pair-b2", None, ids["payment"], app=v2)
+            write(os.path.join(tmp, "pair"), "payment.yaml", config(b1.inbound, b2.inbound, mesh=True))
+            a = TracedSidecar(procs, outdir, "pair-a", os.path.join(tmp, "pair"), ids["frontend"])
+            xds = xds_sidecar(procs, outdir, tmp, v1, v2)
+            for port in (one.outbound, a.outbound, xds):
+                load(port, args.requests)
+            for s in (one, a, b1, b2):
+                touch_admin(s)
+            time.sleep(1)
+        finally:
+            stop_all(procs, timeout=60)
+        total = collections.Counter()
+        files = glob.glob(os.path.join(outdir, "*"))
+        for path in files:
+            total.update(self_costs(path, binary))
+    # Rust (mangled) and C symbols alike (mimalloc, ring's C); callgrind names code
+    # without a symbol by its address.
+    names = [n for n, _ in total.most_common() if n and not n.startswith("0x")]
+    if len(names) < 1000:
+        raise SystemExit(f"orderfile: only {len(names)} functions found in {len(files)} callgrind files: "
+                         "was the binary built with symbols?")
+    with open(args.out, "w") as f:
+        f.write("\n".join(names) + "\n")
+    print(f"orderfile: {len(names)} functions from {len(files)} processes -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
