@@ -4,7 +4,8 @@
 use std::io;
 
 /// Builds the runtime for `concurrency` worker threads; 0 means one per core the
-/// process may run on (its CPU affinity, so `taskset` and cgroup cpusets count).
+/// process may use (`available_parallelism`: its CPU affinity, so `taskset` and
+/// cpusets count, and its cgroup CPU quota).
 ///
 /// One worker gets a current-thread runtime: every task, timer and socket is
 /// driven by the thread that runs `block_on`, so a wake-up is a queue push with

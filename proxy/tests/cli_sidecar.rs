@@ -161,11 +161,32 @@ fn idle_h2c_client(addr: SocketAddr) -> (tokio::runtime::Runtime, tokio::task::J
 
 #[test]
 fn sigterm_drains_an_in_flight_request_and_exits_0() {
+    // `--concurrency 0`: one worker per core this process (and so the sidecar) may use.
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let flavor = if cores == 1 { "current_thread" } else { "multi_thread" };
+    sigterm_drains(&[], (flavor, u64::try_from(cores).ok()));
+}
+
+/// The same on one thread (`--concurrency 1`: tokio's current-thread runtime).
+#[test]
+fn one_thread_serves_and_drains_the_same() {
+    sigterm_drains(&["--concurrency", "1"], ("current_thread", Some(1)));
+}
+
+/// A sidecar started with `extra` flags answers, keeps idle connections, drains an
+/// in-flight request on SIGTERM and exits 0; `/config_dump` shows the runtime
+/// (flavor and, when given, the worker count).
+fn sigterm_drains(extra: &[&str], runtime: (&str, Option<u64>)) {
     let (_upstream, v1) = start_upstream("v1", &[]);
     let (_dead_socket, dead) = refusing_port();
     let dir = TempDir::new("cli-sidecar");
     write_config(dir.path(), v1, dead);
-    let (mut sidecar, bound) = start_sidecar(dir.path(), &[]);
+    let (mut sidecar, bound) = start_sidecar(dir.path(), extra);
+    let dump: Value = serde_json::from_str(&get(bound.admin, "admin", "/config_dump").body).expect("config_dump");
+    assert_eq!(dump["runtime"]["flavor"], runtime.0, "{}", dump["runtime"]);
+    if let Some(workers) = runtime.1 {
+        assert_eq!(dump["runtime"]["workers"], workers, "{}", dump["runtime"]);
+    }
 
     let ok = get(bound.outbound, "payment", "/");
     assert_eq!(ok.status, 200, "{ok:?}");

@@ -123,9 +123,11 @@ async fn websocket_through_the_mtls_chain() {
 async fn payment_host(m: &Mesh) -> serde_json::Value {
     let addr = m.payment.sidecar.bound.inbound.to_string();
     let clusters = m.frontend.admin_json("/clusters?format=json").await;
-    let hosts = clusters["cluster_statuses"].as_array().expect("cluster_statuses").iter().flat_map(|c| {
-        c["host_statuses"].as_array().cloned().unwrap_or_default()
-    });
+    let hosts = clusters["cluster_statuses"]
+        .as_array()
+        .expect("cluster_statuses")
+        .iter()
+        .flat_map(|c| c["host_statuses"].as_array().cloned().unwrap_or_default());
     hosts.into_iter().find(|h| h["address"] == addr.as_str()).unwrap_or_else(|| panic!("no host {addr}: {clusters}"))
 }
 

@@ -328,6 +328,19 @@ pub struct ConfigDump {
     /// ...}`, or null when the config comes from files. See
     /// [`crate::xds_client::status_json`].
     pub control_plane: Value,
+    /// The runtime serving the proxy: `{flavor: "current_thread" | "multi_thread",
+    /// workers}` (`--concurrency`).
+    pub runtime: Value,
+}
+
+/// The `runtime` section of `/config_dump`.
+fn runtime() -> Value {
+    let Ok(handle) = tokio::runtime::Handle::try_current() else { return Value::Null };
+    let flavor = match handle.runtime_flavor() {
+        tokio::runtime::RuntimeFlavor::CurrentThread => "current_thread",
+        _ => "multi_thread",
+    };
+    json!({ "flavor": flavor, "workers": handle.metrics().num_workers() })
 }
 
 /// The `identity` section of `/config_dump`.
@@ -362,6 +375,7 @@ pub fn config_dump(shared: &Shared) -> ConfigDump {
         services: services.into_iter().map(service).collect(),
         identity: identity(shared),
         control_plane: crate::xds_client::status_json(shared),
+        runtime: runtime(),
     }
 }
 

@@ -11,11 +11,11 @@ use hyper_util::rt::TokioIo;
 
 use crate::body::{self, ProxyBody};
 use crate::flags::ResponseFlags;
+use crate::mesh_tls;
 use crate::request_info::Text;
 use crate::snapshot::{Cluster, Route};
 use crate::upstream::balance;
 use crate::upstream::outlier::{self, Outcome};
-use crate::mesh_tls;
 use crate::upstream::pool::{PoolError, PooledBody, UpstreamProtocol};
 
 use super::record::{Recorder, grpc_status};

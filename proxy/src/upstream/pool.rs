@@ -139,9 +139,8 @@ impl Pool {
 
     /// Whether a live HTTP/2 connection (plaintext or mutual TLS) is pooled.
     pub fn has_http2(&self) -> bool {
-        let live = |p: &SubPool| {
-            p.h2.lock().map(|c| c.as_ref().is_some_and(|c| !c.sender.is_closed())).unwrap_or(false)
-        };
+        let live =
+            |p: &SubPool| p.h2.lock().map(|c| c.as_ref().is_some_and(|c| !c.sender.is_closed())).unwrap_or(false);
         live(&self.inner.plain) || live(&self.inner.mtls)
     }
 
