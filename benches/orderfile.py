@@ -13,7 +13,11 @@ How: the sidecars of benches/instructions.py (one hop, and the pair A -> mTLS ->
 B1/B2) and a sidecar fed by `serin control-plane` over xDS run under callgrind from
 their first instruction, with mangled names. Each path gets a short load, the admin
 and metrics pages are read, the processes are stopped; every function of the serin
-binary with at least one instruction is kept, hottest first.
+binary with at least one instruction is kept. The order goes by how widely the code
+is used: first what every sidecar runs (the plaintext one-hop sidecar: start-up,
+file config, routing, metrics, admin), then what an mTLS client adds (pair A), then
+an mTLS server (B), then the xDS client; hottest first within each tier. A sidecar
+that uses only the first tiers keeps only their pages.
 
 A stale order file is harmless: symbols that no longer exist are ignored by the
 linker, new functions are placed after the listed ones. Regenerate it after large
@@ -39,6 +43,8 @@ from benchlib import BIN, ROOT, Sidecar, config, free_port, serin_ca, stop_all, 
 from instructions import load  # noqa: E402
 
 OUT = os.path.join(ROOT, "proxy", "serin.order")
+# Processes by how widely their code is used (see above); file names of callgrind's output.
+TIERS = (("one-hop",), ("pair-a",), ("pair-b1", "pair-b2"), ("xds",))
 CALLGRIND = ("valgrind", "--tool=callgrind", "--demangle=no", "--dump-instr=no", "--collect-jumps=no")
 
 
@@ -58,7 +64,7 @@ def fetch(url):
 def touch_admin(s):
     """The pages an operator and Prometheus read."""
     admin = s.cmd_ports["admin"]
-    for path in ("/config_dump", "/clusters", "/clusters?format=json", "/ready", "/stats"):
+    for path in ("/config_dump", "/clusters", "/clusters?format=json", "/ready"):
         fetch(f"http://127.0.0.1:{admin}{path}")
     fetch(f"http://127.0.0.1:{s.cmd_ports['metrics']}/stats/prometheus")
     fetch(f"http://127.0.0.1:{s.health}/healthz/ready")
@@ -176,13 +182,25 @@ def main():
             time.sleep(1)
         finally:
             stop_all(procs, timeout=60)
-        total = collections.Counter()
         files = glob.glob(os.path.join(outdir, "*"))
+        per_process = {}  # file name prefix ("one-hop", "pair-a", ...) -> Counter
         for path in files:
-            total.update(self_costs(path, binary))
-    # Rust (mangled) and C symbols alike (mimalloc, ring's C); callgrind names code
-    # without a symbol by its address.
-    names = [n for n, _ in total.most_common() if n and not n.startswith("0x")]
+            per_process.setdefault(os.path.basename(path).split(".")[0], collections.Counter()).update(
+                self_costs(path, binary))
+    total = collections.Counter()
+    for costs in per_process.values():
+        total.update(costs)
+    names, listed = [], set()
+    for tier in TIERS:
+        used = set()
+        for prefix in tier:
+            used.update(per_process.get(prefix, {}))
+        # Rust (mangled) and C symbols alike (mimalloc, ring's C); callgrind names
+        # code without a symbol by its address.
+        new = [n for n in used - listed if n and not n.startswith("0x")]
+        new.sort(key=lambda n: (-total[n], n))
+        names.extend(new)
+        listed.update(new)
     if len(names) < 1000:
         raise SystemExit(f"orderfile: only {len(names)} functions found in {len(files)} callgrind files: "
                          "was the binary built with symbols?")
