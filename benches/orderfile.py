@@ -9,8 +9,9 @@ contiguous pages, instead of touching pages spread over the whole multi-role bin
 each mapped with its neighbours by the kernel's fault-around: that was most of a
 sidecar's resident memory (benches/RESULTS.md, "memory").
 
-How: the sidecars of benches/instructions.py (one hop, and the pair A -> mTLS ->
-B1/B2) and a sidecar fed by `serin control-plane` over xDS run under callgrind from
+How: the sidecars of benches/instructions.py (one hop, on the multi-thread runtime and
+on one thread, and the pair A -> mTLS -> B1/B2) and a sidecar fed by `serin
+control-plane` over xDS run under callgrind from
 their first instruction, with mangled names. Each path gets a short load, the admin
 and metrics pages are read, the processes are stopped; every function of the serin
 binary with at least one instruction is kept. The order goes by how widely the code
@@ -23,7 +24,8 @@ A stale order file is harmless: symbols that no longer exist are ignored by the
 linker, new functions are placed after the listed ones. Regenerate it after large
 changes to the data path (it takes a minute or two):
 
-    python3 benches/orderfile.py [--no-build] [--requests 3000]
+    python3 benches/orderfile.py [--no-build] [--requests 3000] [--out FILE]
+                                 [--serin PATH --serin-load PATH]
 
 Loopback only; every process it starts is stopped at the end.
 """
@@ -40,16 +42,25 @@ import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib import BIN, ROOT, Sidecar, config, free_port, serin_ca, stop_all, wait_http, write  # noqa: E402
-from instructions import load  # noqa: E402
 
 OUT = os.path.join(ROOT, "proxy", "serin.order")
 # Processes by how widely their code is used (see above); file names of callgrind's output.
-TIERS = (("one-hop",), ("pair-a",), ("pair-b1", "pair-b2"), ("xds",))
+TIERS = (("one-hop", "one-hop-1t"), ("pair-a",), ("pair-b1", "pair-b2"), ("xds",))
+SERIN = os.path.join(BIN, "serin")  # --serin
+SERIN_LOAD = os.path.join(BIN, "serin-load")  # --serin-load
+START_TIMEOUT = 120  # --timeout
 CALLGRIND = ("valgrind", "--tool=callgrind", "--demangle=no", "--dump-instr=no", "--collect-jumps=no")
 
 
 def callgrind_prefix(outdir, name):
     return CALLGRIND + (f"--callgrind-out-file={outdir}/{name}.%p",)
+
+
+def load(port, requests):
+    """`requests` requests through `port` (64 connections, closed loop); fails on any error."""
+    cmd = [SERIN_LOAD, "--url", f"http://127.0.0.1:{port}/", "--host", "payment", "--connections", "64",
+           "--requests", str(requests), "--timeout", "120s"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=900)
 
 
 def fetch(url):
@@ -73,14 +84,15 @@ def touch_admin(s):
 class TracedSidecar(Sidecar):
     """A `serin sidecar` under callgrind; remembers its admin and metrics ports."""
 
-    def __init__(self, procs, outdir, name, config_dir, cert_dir=None, app=None, extra=()):
-        super().__init__(procs, config_dir, cert_dir, app=app, prefix=callgrind_prefix(outdir, name), wait=False)
+    def __init__(self, procs, outdir, name, config_dir, cert_dir=None, app=None, env=None):
+        super().__init__(procs, config_dir, cert_dir, app=app, serin=SERIN, prefix=callgrind_prefix(outdir, name),
+                         env=env, wait=False)
         cmd = self.proc.args
         self.cmd_ports = {
             "admin": int(cmd[cmd.index("--admin") + 1].rsplit(":", 1)[1]),
             "metrics": int(cmd[cmd.index("--metrics") + 1].rsplit(":", 1)[1]),
         }
-        wait_http(f"http://127.0.0.1:{self.health}/healthz/ready", timeout=120)
+        wait_http(f"http://127.0.0.1:{self.health}/healthz/ready", timeout=START_TIMEOUT)
 
 
 def xds_sidecar(procs, outdir, tmp, v1, v2):
@@ -88,19 +100,19 @@ def xds_sidecar(procs, outdir, tmp, v1, v2):
     cfg = os.path.join(tmp, "cp-config")
     write(cfg, "payment.yaml", config(v1, v2))
     grpc = free_port()
-    cp = subprocess.Popen([os.path.join(BIN, "serin"), "control-plane", "--config-dir", cfg, "--listen",
+    cp = subprocess.Popen([SERIN, "control-plane", "--config-dir", cfg, "--listen",
                            f"127.0.0.1:{grpc}", "--state-dir", os.path.join(tmp, "cp-state"),
                            "--monitoring", f"127.0.0.1:{free_port()}", "--ui", f"127.0.0.1:{free_port()}"],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     procs.append(cp)
     outbound, inbound, admin, metrics, health = (free_port() for _ in range(5))
     cmd = list(callgrind_prefix(outdir, "xds")) + [
-        os.path.join(BIN, "serin"), "sidecar", "--outbound", f"127.0.0.1:{outbound}",
+        SERIN, "sidecar", "--outbound", f"127.0.0.1:{outbound}",
         "--inbound", f"127.0.0.1:{inbound}", "--admin", f"127.0.0.1:{admin}",
         "--metrics", f"127.0.0.1:{metrics}", "--health", f"127.0.0.1:{health}", "--no-access-log",
         "--control-plane", f"127.0.0.1:{grpc}", "--node-id", "orderfile"]
     procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    wait_http(f"http://127.0.0.1:{health}/healthz/ready", timeout=120)
+    wait_http(f"http://127.0.0.1:{health}/healthz/ready", timeout=START_TIMEOUT)
     return outbound
 
 
@@ -151,10 +163,15 @@ def main():
     ap.add_argument("--no-build", action="store_true", help="do not run cargo build --release first")
     ap.add_argument("--requests", type=int, default=3000, help="requests per path (default 3000)")
     ap.add_argument("--out", default=OUT, help=f"order file to write (default {OUT})")
+    ap.add_argument("--serin", default=SERIN, help="serin binary (default target/release/serin)")
+    ap.add_argument("--serin-load", default=SERIN_LOAD, help="serin-load binary (default target/release/serin-load)")
+    ap.add_argument("--timeout", type=float, default=120, help="bound on each sidecar's start under valgrind, s")
     args = ap.parse_args()
     if not args.no_build:
         subprocess.run(["cargo", "build", "--release", "-p", "serin", "-p", "serin-benches"], cwd=ROOT, check=True)
-    binary = os.path.realpath(os.path.join(BIN, "serin"))
+    global SERIN, SERIN_LOAD, START_TIMEOUT
+    SERIN, SERIN_LOAD, START_TIMEOUT = args.serin, args.serin_load, args.timeout
+    binary = os.path.realpath(SERIN)
     procs = []
     with tempfile.TemporaryDirectory(prefix="serin-order-") as tmp:
         outdir = os.path.join(tmp, "callgrind")
@@ -163,21 +180,24 @@ def main():
             v1, v2 = free_port(), free_port()
             for version, port in (("v1", v1), ("v2", v2)):
                 procs.append(subprocess.Popen(
-                    [os.path.join(BIN, "serin"), "upstream", "--version", version, "--listen", f"127.0.0.1:{port}",
+                    [SERIN, "upstream", "--version", version, "--listen", f"127.0.0.1:{port}",
                      "--body-size", "1024"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             wait_http(f"http://127.0.0.1:{v1}/")
             wait_http(f"http://127.0.0.1:{v2}/")
             write(os.path.join(tmp, "one-hop"), "payment.yaml", config(v1, v2))
             one = TracedSidecar(procs, outdir, "one-hop", os.path.join(tmp, "one-hop"))
-            ids = serin_ca(tmp)
+            # The same on one thread (tokio's current-thread runtime: a sidecar with one core).
+            one_1t = TracedSidecar(procs, outdir, "one-hop-1t", os.path.join(tmp, "one-hop"),
+                                   env=dict(os.environ, SERIN_CONCURRENCY="1"))
+            ids = serin_ca(tmp, serin=SERIN)
             b1 = TracedSidecar(procs, outdir, "pair-b1", None, ids["payment"], app=v1)
             b2 = TracedSidecar(procs, outdir, "pair-b2", None, ids["payment"], app=v2)
             write(os.path.join(tmp, "pair"), "payment.yaml", config(b1.inbound, b2.inbound, mesh=True))
             a = TracedSidecar(procs, outdir, "pair-a", os.path.join(tmp, "pair"), ids["frontend"])
             xds = xds_sidecar(procs, outdir, tmp, v1, v2)
-            for port in (one.outbound, a.outbound, xds):
+            for port in (one.outbound, one_1t.outbound, a.outbound, xds):
                 load(port, args.requests)
-            for s in (one, a, b1, b2):
+            for s in (one, one_1t, a, b1, b2):
                 touch_admin(s)
             time.sleep(1)
         finally:

@@ -3,8 +3,9 @@
 //! `benches/orderfile.py`), so that a sidecar's resident code is a few MiB of
 //! contiguous pages instead of pages spread over the whole multi-role binary.
 //!
-//! Only with lld (the default linker of `x86_64-unknown-linux-gnu` since Rust 1.90):
-//! GNU ld has no `--symbol-ordering-file`. `SERIN_NO_ORDER_FILE=1` turns it off.
+//! Only with lld (the default linker of `x86_64-unknown-linux-gnu` since Rust 1.90,
+//! unless the build names another linker): GNU ld has no `--symbol-ordering-file`.
+//! `SERIN_NO_ORDER_FILE=1` turns it off.
 //!
 //! Release builds against glibc 2.36 or later also pack the relative relocations
 //! (`-z pack-relative-relocs`, DT_RELR): the position-independent binary's 0.5 MiB
@@ -18,11 +19,17 @@ use std::process::Command;
 fn main() {
     println!("cargo:rerun-if-changed=serin.order");
     println!("cargo:rerun-if-env-changed=SERIN_NO_ORDER_FILE");
+    println!("cargo:rerun-if-env-changed=CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_LINKER");
     let var = |name: &str| std::env::var(name).unwrap_or_default();
     let release = var("PROFILE") == "release";
+    let flags = var("CARGO_ENCODED_RUSTFLAGS");
     let lld_by_default = var("CARGO_CFG_TARGET_ARCH") == "x86_64"
         && var("CARGO_CFG_TARGET_OS") == "linux"
-        && var("CARGO_CFG_TARGET_ENV") == "gnu";
+        && var("CARGO_CFG_TARGET_ENV") == "gnu"
+        && release
+        && rustc_minor().is_some_and(|minor| minor >= 90)
+        && !["linker", "fuse-ld"].iter().any(|f| flags.contains(f))
+        && var("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_LINKER").is_empty();
     let order = Path::new(&var("CARGO_MANIFEST_DIR")).join("serin.order");
     if release && lld_by_default && var("SERIN_NO_ORDER_FILE").is_empty() && order.is_file() {
         println!("cargo:rustc-link-arg-bins=-Wl,--symbol-ordering-file={}", order.display());
@@ -32,6 +39,14 @@ fn main() {
     if release && lld_by_default && glibc_at_least(2, 36) {
         println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
     }
+}
+
+/// The minor version of the `rustc` cargo builds with (`rustc 1.95.0 (...)` → 95).
+fn rustc_minor() -> Option<u32> {
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let out = Command::new(rustc).arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace().nth(1)?.split('.').nth(1)?.parse().ok()
 }
 
 /// Whether the build machine's glibc (`getconf GNU_LIBC_VERSION`: "glibc 2.36") is

@@ -15,9 +15,9 @@
 mod support;
 
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
-use support::serin_bin;
+use std::process::Command;
+use std::time::Duration;
+use support::{run_bounded, serin_bin};
 
 const CASES: [&str; 7] = [
     "direct",
@@ -35,40 +35,6 @@ fn find_tool(name: &str) -> Option<PathBuf> {
         std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
     dirs.extend(["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from));
     dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
-}
-
-/// Runs `cmd` to completion; past `timeout` it gets SIGTERM (the script then stops
-/// every process it started), and SIGKILL 30 s later.
-fn run_bounded(cmd: &mut Command, timeout: Duration) -> Output {
-    let child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
-    let pid = child.id();
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let watchdog = {
-        let done = done.clone();
-        std::thread::spawn(move || {
-            let start = Instant::now();
-            while !done.load(std::sync::atomic::Ordering::SeqCst) {
-                if start.elapsed() > timeout {
-                    eprintln!("benches/compare ran past {timeout:?}: SIGTERM");
-                    drop(Command::new("kill").args(["-TERM", &pid.to_string()]).status());
-                    let grace = Instant::now();
-                    while !done.load(std::sync::atomic::Ordering::SeqCst) {
-                        if grace.elapsed() > Duration::from_secs(30) {
-                            drop(Command::new("kill").args(["-KILL", &pid.to_string()]).status());
-                            return;
-                        }
-                        std::thread::sleep(Duration::from_millis(50));
-                    }
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        })
-    };
-    let out = child.wait_with_output().expect("wait for benches/compare");
-    done.store(true, std::sync::atomic::Ordering::SeqCst);
-    drop(watchdog.join());
-    out
 }
 
 #[test]
