@@ -159,6 +159,7 @@ def self_costs(path, binary):
 
 
 def main():
+    global SERIN, SERIN_LOAD, START_TIMEOUT
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--no-build", action="store_true", help="do not run cargo build --release first")
     ap.add_argument("--requests", type=int, default=3000, help="requests per path (default 3000)")
@@ -169,7 +170,6 @@ def main():
     args = ap.parse_args()
     if not args.no_build:
         subprocess.run(["cargo", "build", "--release", "-p", "serin", "-p", "serin-benches"], cwd=ROOT, check=True)
-    global SERIN, SERIN_LOAD, START_TIMEOUT
     SERIN, SERIN_LOAD, START_TIMEOUT = args.serin, args.serin_load, args.timeout
     binary = os.path.realpath(SERIN)
     procs = []
@@ -216,8 +216,9 @@ def main():
         for prefix in tier:
             used.update(per_process.get(prefix, {}))
         # Rust (mangled) and C symbols alike (mimalloc, ring's C); callgrind names
-        # code without a symbol by its address.
-        new = [n for n in used - listed if n and not n.startswith("0x")]
+        # code without a symbol by its address, and has pseudo-functions such as
+        # "(below main)".
+        new = [n for n in used - listed if n and " " not in n and not n.startswith(("0x", "("))]
         new.sort(key=lambda n: (-total[n], n))
         names.extend(new)
         listed.update(new)
