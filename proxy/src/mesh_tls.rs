@@ -61,23 +61,30 @@ impl MeshIdentity {
         self.source.get().and_then(|s| s.next_renewal())
     }
 
-    /// The mutual-TLS settings for a connection to `endpoint` of `cluster`, or
-    /// `None` for plaintext. `http1` asks for a connection that speaks HTTP/1.1
-    /// (ALPN `http/1.1` only); otherwise the client offers `h2` first.
-    pub fn upstream_tls(
+    /// How to reach `endpoint` of `cluster`: the protocol, and the mutual-TLS
+    /// settings or `None` for plaintext. A plaintext hop speaks `plain` (the
+    /// destination port's protocol); a mutual-TLS hop speaks [`mesh_protocol`]'s
+    /// choice, and its client offers ALPN `h2` first, or only `http/1.1` for an
+    /// HTTP/1.1 hop. `upgrade`: the request is an HTTP/1.1 upgrade (WebSocket).
+    pub fn upstream_hop(
         &self,
         cluster: &Cluster,
         endpoint: &Arc<Endpoint>,
-        http1: bool,
-    ) -> Result<Option<UpstreamTls>, PoolError> {
+        plain: UpstreamProtocol,
+        upgrade: bool,
+    ) -> Result<(UpstreamProtocol, Option<UpstreamTls>), PoolError> {
         if !wants_mtls(cluster, endpoint) {
-            return Ok(None);
+            return Ok((plain, None));
         }
+        let protocol = mesh_protocol(&cluster.policy.pool, plain, upgrade);
         let bundle = self.bundle().ok_or(PoolError::NoIdentity { addr: endpoint.addr })?;
-        let config = if http1 { self.http1_config(&bundle)? } else { bundle.client_config().clone() };
+        let config = match protocol {
+            UpstreamProtocol::Http1 => self.http1_config(&bundle)?,
+            UpstreamProtocol::Http2 => bundle.client_config().clone(),
+        };
         // The acceptable identities are worked out when a connection is opened,
         // not for every request that rides a pooled one.
-        Ok(Some(UpstreamTls { config, expected: ExpectedPeer { bundle, endpoint: endpoint.clone() } }))
+        Ok((protocol, Some(UpstreamTls { config, expected: ExpectedPeer { bundle, endpoint: endpoint.clone() } })))
     }
 
     fn http1_config(&self, bundle: &Arc<IdentityBundle>) -> Result<Arc<rustls::ClientConfig>, PoolError> {

@@ -11,7 +11,6 @@ use hyper_util::rt::TokioIo;
 
 use crate::body::{self, ProxyBody};
 use crate::flags::ResponseFlags;
-use crate::mesh_tls;
 use crate::request_info::Text;
 use crate::snapshot::{Cluster, Route};
 use crate::upstream::balance;
@@ -116,13 +115,9 @@ pub async fn call(
         rec.info.attempts = attempt + 1;
         rec.set_active(endpoint.state.clone());
 
-        let protocol = if mesh_tls::wants_mtls(cluster, &endpoint) {
-            mesh_tls::mesh_protocol(&cluster.policy.pool, head.protocol, head.headers.contains_key(header::UPGRADE))
-        } else {
-            head.protocol
-        };
-        let checkout = match rec.shared().mesh.upstream_tls(cluster, &endpoint, protocol == UpstreamProtocol::Http1) {
-            Ok(tls) => {
+        let upgrade = head.headers.contains_key(header::UPGRADE);
+        let checkout = match rec.shared().mesh.upstream_hop(cluster, &endpoint, head.protocol, upgrade) {
+            Ok((protocol, tls)) => {
                 let pool = &endpoint.state.pool;
                 pool.checkout(protocol, &cluster.policy.pool, tls.as_ref()).await.map(|conn| (conn, protocol))
             }

@@ -10,7 +10,6 @@ use http_body_util::BodyExt;
 use crate::snapshot::Mirror;
 use crate::state::Shared;
 use crate::upstream::balance;
-use crate::upstream::pool::UpstreamProtocol;
 
 use super::call::{RequestBody, UpstreamHead};
 
@@ -33,13 +32,8 @@ pub fn maybe_send(shared: &Arc<Shared>, mirror: &Mirror, head: &UpstreamHead, bo
     let shared = shared.clone();
     tokio::spawn(async move {
         let mesh = &shared.mesh;
-        let protocol = if crate::mesh_tls::wants_mtls(&cluster, &endpoint) {
-            crate::mesh_tls::mesh_protocol(&cluster.policy.pool, head.protocol, false)
-        } else {
-            head.protocol
-        };
-        let tls = match mesh.upstream_tls(&cluster, &endpoint, protocol == UpstreamProtocol::Http1) {
-            Ok(tls) => tls,
+        let (protocol, tls) = match mesh.upstream_hop(&cluster, &endpoint, head.protocol, false) {
+            Ok(hop) => hop,
             Err(e) => {
                 tracing::debug!(cluster = %cluster.name, error = %e, "mirror: no mutual TLS possible");
                 return;
