@@ -19,6 +19,18 @@ fn serin() -> Command {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serves_https_and_drains_on_sigterm() {
+    serves_https_and_drains(&[]).await;
+}
+
+/// The same on one thread (`--concurrency 1`: tokio's current-thread runtime).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_thread_serves_https_and_drains() {
+    serves_https_and_drains(&["--concurrency", "1"]).await;
+}
+
+/// A gateway started with `extra` flags terminates TLS for a Gateway server,
+/// routes to the app, and exits 0 on SIGTERM.
+async fn serves_https_and_drains(extra: &[&str]) {
     let dir = TempDir::new("cli");
     let pki = Pki::new("cli CA");
     pki.server(&["pay.example.com"], 5).write(&dir.path().join("certs"), "pay");
@@ -49,6 +61,7 @@ spec:
         .arg(&path)
         .args(["--listen", "443=127.0.0.1:0", "--admin", "127.0.0.1:0", "--metrics", "127.0.0.1:0"])
         .args(["--health", "127.0.0.1:0", "--no-access-log"])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
