@@ -156,11 +156,12 @@ class Sidecar:
 
     `prefix` goes before the command (e.g. `["taskset", "-c", "0"]`), `env` is the
     process environment (default: ours), `serin` the binary (default
-    target/release/serin). With `wait`, returns once `/healthz/ready` answers 200.
+    target/release/serin), `extra` more flags. With `wait`, returns once `/healthz/ready`
+    answers 200.
     """
 
     def __init__(self, procs, config_dir, cert_dir=None, app=None, serin=None, prefix=(), env=None,
-                 wait=True):
+                 wait=True, extra=()):
         self.outbound, self.inbound, adm, met, self.health = (free_port() for _ in range(5))
         cmd = list(prefix) + [
             serin or os.path.join(BIN, "serin"), "sidecar", "--outbound", f"127.0.0.1:{self.outbound}",
@@ -172,6 +173,7 @@ class Sidecar:
             cmd += ["--cert-dir", cert_dir]
         if app:
             cmd += ["--app", f"127.0.0.1:{app}"]
+        cmd += list(extra)
         self.started = time.monotonic()
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         procs.append(self.proc)

@@ -84,9 +84,9 @@ def touch_admin(s):
 class TracedSidecar(Sidecar):
     """A `serin sidecar` under callgrind; remembers its admin and metrics ports."""
 
-    def __init__(self, procs, outdir, name, config_dir, cert_dir=None, app=None, env=None):
+    def __init__(self, procs, outdir, name, config_dir, cert_dir=None, app=None, env=None, extra=()):
         super().__init__(procs, config_dir, cert_dir, app=app, serin=SERIN, prefix=callgrind_prefix(outdir, name),
-                         env=env, wait=False)
+                         env=env, wait=False, extra=extra)
         cmd = self.proc.args
         self.cmd_ports = {
             "admin": int(cmd[cmd.index("--admin") + 1].rsplit(":", 1)[1]),
@@ -105,15 +105,8 @@ def xds_sidecar(procs, outdir, tmp, v1, v2):
                            "--monitoring", f"127.0.0.1:{free_port()}", "--ui", f"127.0.0.1:{free_port()}"],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     procs.append(cp)
-    outbound, inbound, admin, metrics, health = (free_port() for _ in range(5))
-    cmd = list(callgrind_prefix(outdir, "xds")) + [
-        SERIN, "sidecar", "--outbound", f"127.0.0.1:{outbound}",
-        "--inbound", f"127.0.0.1:{inbound}", "--admin", f"127.0.0.1:{admin}",
-        "--metrics", f"127.0.0.1:{metrics}", "--health", f"127.0.0.1:{health}", "--no-access-log",
-        "--control-plane", f"127.0.0.1:{grpc}", "--node-id", "orderfile"]
-    procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    wait_http(f"http://127.0.0.1:{health}/healthz/ready", timeout=START_TIMEOUT)
-    return outbound
+    return TracedSidecar(procs, outdir, "xds", None,
+                         extra=("--control-plane", f"127.0.0.1:{grpc}", "--node-id", "orderfile")).outbound
 
 
 def self_costs(path, binary):
