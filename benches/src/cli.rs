@@ -1,4 +1,5 @@
-//! Command line of `serin-load` (see `benches/README.md`).
+//! Command line of `serin-load` (see `benches/README.md`), and the logging set-up
+//! every bench binary shares.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -141,6 +142,14 @@ impl LoadArgs {
         cfg.timeout = self.timeout;
         Ok(cfg)
     }
+}
+
+/// Logs to stderr (stdout carries the report) at `default_level`, or as
+/// `RUST_LOG` says.
+pub fn init_logging(default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter).init();
 }
 
 #[cfg(test)]

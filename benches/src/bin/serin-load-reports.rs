@@ -44,7 +44,6 @@ use serin_benches::push::{
 use serin_control_api::client::{self, LoadClient, LoadReports, ManagementClient, SubscribeOptions, Subscription};
 use serin_control_api::server::{BUCKET_BOUNDS_MS, BUCKETS, HISTORY, quantile};
 use serin_control_api::{ROUTES_TYPE_URL, ResourceType, pb};
-use tracing_subscriber::EnvFilter;
 
 /// gRPC length-prefixed message: 1 byte compressed flag + 4 bytes length.
 const GRPC_PREFIX: usize = 5;
@@ -100,10 +99,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("error")))
-        .init();
+    serin_benches::cli::init_logging("error");
     match main_inner(&args) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => {

@@ -7,14 +7,10 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Parser;
 use serin_benches::cli::LoadArgs;
-use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let args = LoadArgs::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")))
-        .init();
+    serin_benches::cli::init_logging("warn");
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -11,7 +11,6 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 use serin_benches::push::{PushConfig, run};
-use tracing_subscriber::EnvFilter;
 
 /// serin-push-latency: push latency of weight changes to N sidecar streams, against a
 /// real `serin control-plane`.
@@ -52,10 +51,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("error")))
-        .init();
+    serin_benches::cli::init_logging("error");
     match main_inner(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
