@@ -34,10 +34,31 @@ pub const ALPN_HTTP11: &[u8] = b"http/1.1";
 pub const MESH_ALPN: &[&[u8]] = &[ALPN_H2, ALPN_HTTP11];
 
 /// The crypto provider of every config made here: rustls's `ring` provider (one shared
-/// instance). Use it for any other rustls config in serin, rather than a process default.
+/// instance) with AES-128-GCM preferred (see [`prefers_aes128`]). Use it for any other
+/// rustls config in serin, rather than a process default.
 pub fn crypto_provider() -> Arc<CryptoProvider> {
     static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
-    PROVIDER.get_or_init(|| Arc::new(rustls::crypto::ring::default_provider())).clone()
+    PROVIDER
+        .get_or_init(|| {
+            let mut provider = rustls::crypto::ring::default_provider();
+            // A stable sort: the rest keeps ring's order (AES-256-GCM, then ChaCha20).
+            provider.cipher_suites.sort_by_key(|s| !prefers_aes128(s.suite()));
+            Arc::new(provider)
+        })
+        .clone()
+}
+
+/// The suites [`crypto_provider`] puts first: AES-128-GCM, as BoringSSL (Envoy, so Istio's
+/// sidecars) does on CPUs with AES instructions. rustls's own order starts with AES-256-GCM,
+/// whose 14 rounds cost every record of the mesh ~30% more than AES-128's 10.
+fn prefers_aes128(suite: rustls::CipherSuite) -> bool {
+    use rustls::CipherSuite as S;
+    matches!(
+        suite,
+        S::TLS13_AES_128_GCM_SHA256
+            | S::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+            | S::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256
+    )
 }
 
 /// Whether a server asks for and requires a client certificate.

@@ -10,7 +10,7 @@ use common::{connect, exchange, frontend, id, payment, serve, tempdir};
 use rcgen::{CertificateParams, KeyPair};
 use serin_certs::rustls::pki_types::CertificateDer;
 use serin_certs::rustls::version::{TLS12, TLS13};
-use serin_certs::rustls::{ClientConfig, ProtocolVersion, RootCertStore};
+use serin_certs::rustls::{CipherSuite, ClientConfig, ProtocolVersion, RootCertStore};
 use serin_certs::{
     ALPN_H2, ALPN_HTTP11, Ca, ClientAuth, DEFAULT_WORKLOAD_LIFETIME, MESH_ALPN, MeshServerVerifier, PeerIdentityError,
     SniResolver, WorkloadIdentity, client_config, crypto_provider, load_certified_key, server_config,
@@ -48,6 +48,9 @@ async fn mutual_tls_between_two_identities() {
     assert_eq!(c.peer_id, Some(payment()), "client sees the server's SPIFFE ID");
     assert_eq!(c.alpn.as_deref(), Some(ALPN_H2));
     assert_eq!(c.version, Some(ProtocolVersion::TLSv1_3));
+    // Envoy's (BoringSSL's) preference on AES hardware, not rustls's AES-256 first.
+    assert_eq!(c.suite, Some(CipherSuite::TLS13_AES_128_GCM_SHA256));
+    assert_eq!(s.suite, c.suite);
     assert_eq!(verify_peer_identity(&c.peer_certs, &[payment()]), Ok(payment()));
     assert_eq!(verify_peer_identity(&s.peer_certs, &[]), Ok(frontend()));
     assert_eq!(s.peer_id.unwrap().principal(), "cluster.local/ns/default/sa/frontend");
@@ -84,7 +87,9 @@ async fn tls12_is_accepted() {
         )));
     let outcome =
         exchange(server_config(&server, ClientAuth::Required, MESH_ALPN).unwrap(), Arc::new(config), "payment").await;
-    assert_eq!(outcome.client.expect("client").version, Some(ProtocolVersion::TLSv1_2));
+    let c = outcome.client.expect("client");
+    assert_eq!(c.version, Some(ProtocolVersion::TLSv1_2));
+    assert_eq!(c.suite, Some(CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256));
     assert_eq!(outcome.server.expect("server").peer_id, Some(frontend()));
 }
 

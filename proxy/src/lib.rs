@@ -11,6 +11,7 @@ pub mod cert_client;
 pub mod cli;
 pub mod config;
 pub mod control_plane;
+pub mod cork;
 pub mod ctl;
 pub mod ctl_canary;
 pub mod ctl_load;

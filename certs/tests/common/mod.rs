@@ -33,6 +33,7 @@ pub struct Side {
     pub peer_id: Option<SpiffeId>,
     pub alpn: Option<Vec<u8>>,
     pub version: Option<serin_certs::rustls::ProtocolVersion>,
+    pub suite: Option<serin_certs::rustls::CipherSuite>,
 }
 
 /// Outcome of [`exchange`]: each side's view, or its error text.
@@ -79,6 +80,7 @@ pub async fn serve(
                     peer_certs,
                     alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
                     version: conn.protocol_version(),
+                    suite: conn.negotiated_cipher_suite().map(|s| s.suite()),
                 };
                 let mut buf = [0u8; 4];
                 tls.read_exact(&mut buf).await.map_err(|e| format!("server read: {e}"))?;
@@ -116,6 +118,7 @@ pub async fn connect(
             peer_certs,
             alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
             version: conn.protocol_version(),
+            suite: conn.negotiated_cipher_suite().map(|s| s.suite()),
         };
         tls.write_all(b"ping").await.map_err(|e| format!("client write: {e}"))?;
         tls.flush().await.map_err(|e| format!("client flush: {e}"))?;

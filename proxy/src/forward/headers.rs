@@ -114,16 +114,23 @@ fn format_ip(ip: IpAddr, buf: &mut [u8; 64]) -> &[u8] {
 
 /// Keeps a valid `x-request-id` or sets a new random (UUID v4) one; returns it
 /// (sharing the header's bytes: no copy).
+///
+/// The value is marked sensitive, so HTTP/2 sends it as a literal that HPACK never
+/// indexes: a value that never repeats would otherwise take a new entry of the
+/// connection's header table on every request (on both ends), evicting the entries
+/// that do repeat, and the encoder compares each new id with every id still stored.
 pub fn ensure_request_id(headers: &mut HeaderMap) -> Text {
-    if let Some(id) = headers.get(&X_REQUEST_ID)
+    if let Some(id) = headers.get_mut(&X_REQUEST_ID)
         && !id.is_empty()
-        && let Some(id) = Text::from_header(id)
+        && let Some(text) = Text::from_header(id)
     {
-        return id;
+        id.set_sensitive(true);
+        return text;
     }
     // One allocation, shared by the header and the returned text.
     let id = bytes::Bytes::from_owner(uuid_v4());
-    if let Ok(v) = HeaderValue::from_maybe_shared(id.clone()) {
+    if let Ok(mut v) = HeaderValue::from_maybe_shared(id.clone()) {
+        v.set_sensitive(true);
         headers.insert(&X_REQUEST_ID, v);
     }
     Text::try_from(id).unwrap_or_default() // always ASCII
@@ -205,6 +212,11 @@ mod tests {
         assert_eq!(id.len(), 36);
         assert_eq!(&id[14..15], "4");
         assert_eq!(ensure_request_id(&mut h), id);
+        // Never indexed by HPACK: set here, and kept from the caller.
+        assert!(h.get(&X_REQUEST_ID).is_some_and(HeaderValue::is_sensitive));
+        h.insert(&X_REQUEST_ID, HeaderValue::from_static("from-the-client"));
+        assert_eq!(&*ensure_request_id(&mut h), "from-the-client");
+        assert!(h.get(&X_REQUEST_ID).is_some_and(HeaderValue::is_sensitive));
     }
 
     #[test]

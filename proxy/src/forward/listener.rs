@@ -57,17 +57,51 @@ pub fn serve_http_watched<IO>(
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    serve_connection(builder, watcher, io, shared, info, None);
+}
+
+/// Like [`serve_http_watched`], for a connection over a [`CorkedTcp`]: what each
+/// poll of the connection writes leaves in one system call (`cork`).
+///
+/// [`CorkedTcp`]: crate::cork::CorkedTcp
+pub fn serve_http_corked<IO>(
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+    io: IO,
+    cork: Arc<crate::cork::Cork>,
+    shared: Arc<Shared>,
+    info: ConnInfo,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    serve_connection(builder, watcher, io, shared, info, Some(cork));
+}
+
+fn serve_connection<IO>(
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+    io: IO,
+    shared: Arc<Shared>,
+    info: ConnInfo,
+    cork: Option<Arc<crate::cork::Cork>>,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let svc_shared = shared.clone();
     let svc_info = info.clone();
     let svc = service_fn(move |req| super::handle(svc_shared.clone(), svc_info.clone(), req));
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc).into_owned();
     let conn = watcher.watch(conn);
-    tokio::spawn(async move {
+    let served = async move {
         let opened = Instant::now();
         if let Err(e) = conn.await {
             record_protocol_error(&shared, &info, e.as_ref(), opened);
         }
-    });
+    };
+    match cork {
+        Some(cork) => tokio::spawn(crate::cork::corked(cork, served)),
+        None => tokio::spawn(served),
+    };
 }
 
 /// Accepts connections until the drain starts, handing each to `on_accept`.

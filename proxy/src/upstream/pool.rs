@@ -13,11 +13,12 @@ use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use crate::body::ProxyBody;
+use crate::cork::{ConnExecutor, Cork, CorkedTcp};
 use crate::snapshot::ConnectionPool;
 
 /// Which HTTP version to speak upstream.
@@ -288,14 +289,20 @@ impl Pool {
         }
     }
 
-    /// TCP, then (with `tls`) the mutual-TLS handshake and the identity check.
-    async fn connect_io(&self, limits: &ConnectionPool, tls: Option<&UpstreamTls>) -> Result<Io, PoolError> {
+    /// TCP, then (with `tls`) the mutual-TLS handshake and the identity check. A
+    /// TLS connection is corked: run its connection future with [`crate::cork::corked`].
+    async fn connect_io(
+        &self,
+        limits: &ConnectionPool,
+        tls: Option<&UpstreamTls>,
+    ) -> Result<(Io, Option<Arc<Cork>>), PoolError> {
         let addr = self.inner.addr;
         let stream = self.connect(limits).await?;
-        let Some(tls) = tls else { return Ok(Io::Plain(stream)) };
+        let Some(tls) = tls else { return Ok((Io::Plain(stream), None)) };
         let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
         // Mesh certificates carry a SPIFFE URI, not a name: the verifier ignores it.
         let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+        let (stream, cork) = CorkedTcp::new(stream);
         let stream = match tokio::time::timeout(limits.connect_timeout, connector.connect(name, stream)).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(source)) => return Err(PoolError::Tls { addr, source }),
@@ -304,7 +311,7 @@ impl Pool {
         let peer = stream.get_ref().1.peer_certificates().unwrap_or_default();
         serin_certs::verify_peer_identity(peer, &tls.expected.ids())
             .map_err(|source| PoolError::Identity { addr, source: Box::new(source) })?;
-        Ok(Io::Tls(Box::new(stream)))
+        Ok((Io::Tls(Box::new(stream)), Some(cork)))
     }
 
     async fn connect_h1(
@@ -313,12 +320,12 @@ impl Pool {
         tls: Option<&UpstreamTls>,
     ) -> Result<http1::SendRequest<ProxyBody>, PoolError> {
         let addr = self.inner.addr;
-        let stream = self.connect_io(limits, tls).await?;
+        let (stream, cork) = self.connect_io(limits, tls).await?;
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|source| PoolError::Handshake { addr, source })?;
-        tokio::spawn(async move {
+        spawn_connection(cork, async move {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(%addr, error = %e, "upstream HTTP/1.1 connection ended");
             }
@@ -332,19 +339,29 @@ impl Pool {
         tls: Option<&UpstreamTls>,
     ) -> Result<http2::SendRequest<ProxyBody>, PoolError> {
         let addr = self.inner.addr;
-        let stream = self.connect_io(limits, tls).await?;
-        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+        let (stream, cork) = self.connect_io(limits, tls).await?;
+        // hyper runs the HTTP/2 connection's reads and writes in a task of its own.
+        let executor = cork.clone().map_or(ConnExecutor::Plain, ConnExecutor::Corked);
+        let (sender, conn) = http2::Builder::new(executor)
             .timer(hyper_util::rt::TokioTimer::new())
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|source| PoolError::Handshake { addr, source })?;
-        tokio::spawn(async move {
+        spawn_connection(cork, async move {
             if let Err(e) = conn.await {
                 tracing::debug!(%addr, error = %e, "upstream HTTP/2 connection ended");
             }
         });
         Ok(sender)
     }
+}
+
+/// Drives an upstream connection in a task of its own, corked when it has a cork.
+fn spawn_connection(cork: Option<Arc<Cork>>, conn: impl Future<Output = ()> + Send + 'static) {
+    match cork {
+        Some(cork) => tokio::spawn(crate::cork::corked(cork, conn)),
+        None => tokio::spawn(conn),
+    };
 }
 
 fn exhausted(used: &AtomicU32, max: u32) -> bool {
@@ -560,7 +577,7 @@ impl Body for PooledBody {
 /// An upstream byte stream: plain TCP or mutual TLS over it.
 enum Io {
     Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    Tls(Box<tokio_rustls::client::TlsStream<CorkedTcp>>),
 }
 
 impl tokio::io::AsyncRead for Io {

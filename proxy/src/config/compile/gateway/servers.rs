@@ -174,7 +174,11 @@ fn unsupported_tls_fields(t: &model::ServerTlsSettings, path: &str, sink: &mut S
     sink.unsupported(!t.subject_alt_names.is_empty(), &field("subjectAltNames"), "");
     sink.unsupported(!t.verify_certificate_spki.is_empty(), &field("verifyCertificateSpki"), "");
     sink.unsupported(!t.verify_certificate_hash.is_empty(), &field("verifyCertificateHash"), "");
-    sink.unsupported(!t.cipher_suites.is_empty(), &field("cipherSuites"), "serin uses rustls's default suites");
+    sink.unsupported(
+        !t.cipher_suites.is_empty(),
+        &field("cipherSuites"),
+        "serin offers a fixed list: AES-128-GCM, AES-256-GCM, ChaCha20-Poly1305",
+    );
     if let Some(v) = t.min_protocol_version
         && !matches!(v, TlsProtocol::TLS_AUTO | TlsProtocol::TLSV1_2)
     {
