@@ -15,7 +15,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -49,6 +49,24 @@ struct Out {
     sent: usize,
     /// A send failed: what every later write returns.
     failed: Option<io::ErrorKind>,
+    /// Tasks waiting for the socket to drain. tokio wakes only the last task that
+    /// asked (`poll_write_ready`), and several corked tasks may share a socket
+    /// (hyper's HTTP/2 client): whoever sends next wakes the others.
+    waiters: Vec<Waker>,
+}
+
+impl Out {
+    fn wait(&mut self, cx: &Context<'_>) {
+        if !self.waiters.iter().any(|w| w.will_wake(cx.waker())) {
+            self.waiters.push(cx.waker().clone());
+        }
+    }
+
+    fn wake_waiters(&mut self) {
+        for waker in self.waiters.drain(..) {
+            waker.wake();
+        }
+    }
 }
 
 impl CorkedTcp {
@@ -142,7 +160,10 @@ impl Cork {
                     continue;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => match self.tcp.poll_write_ready(cx) {
-                    Poll::Pending => return Poll::Pending,
+                    Poll::Pending => {
+                        out.wait(cx);
+                        return Poll::Pending;
+                    }
                     Poll::Ready(Ok(())) => continue,
                     Poll::Ready(Err(e)) => e.kind(),
                 },
@@ -151,8 +172,10 @@ impl Cork {
             out.failed = Some(failed);
             out.buf = Vec::new();
             out.sent = 0;
+            out.wake_waiters();
             return Poll::Ready(Err(failed.into()));
         }
+        out.wake_waiters();
         out.sent = 0;
         if out.buf.capacity() > KEEP_CAPACITY {
             out.buf = Vec::new();
@@ -181,7 +204,12 @@ impl Cork {
         ready!(self.poll_send(cx, &mut out))?;
         loop {
             match self.tcp.try_write_vectored(bufs) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready!(self.tcp.poll_write_ready(cx))?,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if self.tcp.poll_write_ready(cx)?.is_pending() {
+                        out.wait(cx);
+                        return Poll::Pending;
+                    }
+                }
                 written => return Poll::Ready(written),
             }
         }
@@ -285,6 +313,49 @@ mod tests {
 
         io.shutdown().await.expect("shutdown");
         assert_eq!(peer.read(&mut got).await.expect("read"), 0, "FIN after the data");
+    }
+
+    /// Two corked tasks on one full socket (hyper's HTTP/2 client spawns several):
+    /// tokio keeps only the last task's interest in the socket draining, so the
+    /// one that sends next must wake the other, or the writer would wait forever.
+    #[tokio::test]
+    async fn tasks_sharing_a_full_socket_are_all_woken() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let (client, mut peer) = (client.expect("connect"), accepted.expect("accept").0);
+        // Small socket buffers: the writer blocks early.
+        socket2::SockRef::from(&client).set_send_buffer_size(16 * 1024).expect("sndbuf");
+        socket2::SockRef::from(&peer).set_recv_buffer_size(16 * 1024).expect("rcvbuf");
+        let (io, cork) = CorkedTcp::new(client);
+        let total = 4 * MAX_CORKED;
+        let writer = tokio::spawn(corked(cork.clone(), async move {
+            let mut io = io;
+            let chunk = vec![7u8; 64 * 1024];
+            for _ in 0..total / chunk.len() {
+                io.write_all(&chunk).await.expect("write");
+            }
+            io.shutdown().await.expect("shutdown");
+        }));
+        while cork.lock().waiters.is_empty() {
+            tokio::task::yield_now().await; // until the writer waits for the socket
+        }
+        // Another corked task polls now: its end-of-poll send finds the socket full.
+        let nudge = Arc::new(tokio::sync::Notify::new());
+        let other = tokio::spawn(corked(cork.clone(), {
+            let nudge = nudge.clone();
+            async move { nudge.notified().await }
+        }));
+        while cork.lock().waiters.len() < 2 {
+            tokio::task::yield_now().await;
+        }
+        nudge.notify_one();
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(std::time::Duration::from_secs(60), peer.read_to_end(&mut got)).await;
+        assert!(read.is_ok(), "the writer was never woken: {} of {total} bytes", got.len());
+        assert_eq!(got.len(), total);
+        writer.await.expect("writer");
+        other.await.expect("other");
     }
 
     /// More than the bound in one poll: the buffer is sent on the way (waiting
