@@ -76,11 +76,6 @@ impl CorkedTcp {
         let cork = Arc::new(Cork { tcp, out: Mutex::new(Out::default()), polls: AtomicUsize::new(0) });
         (CorkedTcp { cork: cork.clone() }, cork)
     }
-
-    /// The TCP stream underneath.
-    pub fn tcp(&self) -> &TcpStream {
-        &self.cork.tcp
-    }
 }
 
 /// Runs `conn` (a connection's future, reading and writing through the
@@ -111,15 +106,21 @@ pub async fn corked<F: Future>(cork: Arc<Cork>, conn: F) -> F::Output {
     .await
 }
 
-/// Spawns the futures hyper's HTTP/2 client runs beside its `Connection` (the one
-/// that reads and writes the socket among them) as corked tasks; plain
-/// connections' futures as they are.
+/// Spawns a connection's futures: as corked tasks when the connection has a cork
+/// (its own future, and those hyper's HTTP/2 client runs beside it, the one that
+/// reads and writes the socket among them), else as they are.
 #[derive(Debug, Clone)]
 pub enum ConnExecutor {
     /// No cork: `tokio::spawn`.
     Plain,
     /// Every spawned future corks this socket while it is polled.
     Corked(Arc<Cork>),
+}
+
+impl From<Option<Arc<Cork>>> for ConnExecutor {
+    fn from(cork: Option<Arc<Cork>>) -> Self {
+        cork.map_or(ConnExecutor::Plain, ConnExecutor::Corked)
+    }
 }
 
 impl<F> hyper::rt::Executor<F> for ConnExecutor

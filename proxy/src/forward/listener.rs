@@ -98,10 +98,7 @@ fn serve_connection<IO>(
             record_protocol_error(&shared, &info, e.as_ref(), opened);
         }
     };
-    match cork {
-        Some(cork) => tokio::spawn(crate::cork::corked(cork, served)),
-        None => tokio::spawn(served),
-    };
+    hyper::rt::Executor::execute(&crate::cork::ConnExecutor::from(cork), served);
 }
 
 /// Accepts connections until the drain starts, handing each to `on_accept`.

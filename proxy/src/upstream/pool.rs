@@ -13,6 +13,7 @@ use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
+use hyper::rt::Executor as _;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
@@ -325,7 +326,7 @@ impl Pool {
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|source| PoolError::Handshake { addr, source })?;
-        spawn_connection(cork, async move {
+        ConnExecutor::from(cork).execute(async move {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(%addr, error = %e, "upstream HTTP/1.1 connection ended");
             }
@@ -341,27 +342,19 @@ impl Pool {
         let addr = self.inner.addr;
         let (stream, cork) = self.connect_io(limits, tls).await?;
         // hyper runs the HTTP/2 connection's reads and writes in a task of its own.
-        let executor = cork.clone().map_or(ConnExecutor::Plain, ConnExecutor::Corked);
-        let (sender, conn) = http2::Builder::new(executor)
+        let executor = ConnExecutor::from(cork);
+        let (sender, conn) = http2::Builder::new(executor.clone())
             .timer(hyper_util::rt::TokioTimer::new())
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|source| PoolError::Handshake { addr, source })?;
-        spawn_connection(cork, async move {
+        executor.execute(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(%addr, error = %e, "upstream HTTP/2 connection ended");
             }
         });
         Ok(sender)
     }
-}
-
-/// Drives an upstream connection in a task of its own, corked when it has a cork.
-fn spawn_connection(cork: Option<Arc<Cork>>, conn: impl Future<Output = ()> + Send + 'static) {
-    match cork {
-        Some(cork) => tokio::spawn(crate::cork::corked(cork, conn)),
-        None => tokio::spawn(conn),
-    };
 }
 
 fn exhausted(used: &AtomicU32, max: u32) -> bool {
