@@ -70,11 +70,15 @@ impl Out {
 }
 
 impl CorkedTcp {
-    /// Wraps `tcp`; run the connection's future with [`corked`] and the returned
-    /// [`Cork`] to coalesce its writes.
-    pub fn new(tcp: TcpStream) -> (CorkedTcp, Arc<Cork>) {
-        let cork = Arc::new(Cork { tcp, out: Mutex::new(Out::default()), polls: AtomicUsize::new(0) });
-        (CorkedTcp { cork: cork.clone() }, cork)
+    /// Wraps `tcp`; run the connection's futures with [`corked`] (or
+    /// [`ConnExecutor::Corked`]) and its [`cork`](Self::cork) to coalesce their writes.
+    pub fn new(tcp: TcpStream) -> CorkedTcp {
+        CorkedTcp { cork: Arc::new(Cork { tcp, out: Mutex::new(Out::default()), polls: AtomicUsize::new(0) }) }
+    }
+
+    /// The shared half, for [`corked`] or [`ConnExecutor::Corked`].
+    pub fn cork(&self) -> Arc<Cork> {
+        self.cork.clone()
     }
 }
 
@@ -115,12 +119,6 @@ pub enum ConnExecutor {
     Plain,
     /// Every spawned future corks this socket while it is polled.
     Corked(Arc<Cork>),
-}
-
-impl From<Option<Arc<Cork>>> for ConnExecutor {
-    fn from(cork: Option<Arc<Cork>>) -> Self {
-        cork.map_or(ConnExecutor::Plain, ConnExecutor::Corked)
-    }
 }
 
 impl<F> hyper::rt::Executor<F> for ConnExecutor
@@ -276,7 +274,8 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        let (corked, cork) = CorkedTcp::new(client.expect("connect"));
+        let corked = CorkedTcp::new(client.expect("connect"));
+        let cork = corked.cork();
         (corked, cork, accepted.expect("accept").0)
     }
 
@@ -328,7 +327,8 @@ mod tests {
         // Small socket buffers: the writer blocks early.
         socket2::SockRef::from(&client).set_send_buffer_size(16 * 1024).expect("sndbuf");
         socket2::SockRef::from(&peer).set_recv_buffer_size(16 * 1024).expect("rcvbuf");
-        let (io, cork) = CorkedTcp::new(client);
+        let io = CorkedTcp::new(client);
+        let cork = io.cork();
         let total = 4 * MAX_CORKED;
         let writer = tokio::spawn(corked(cork.clone(), async move {
             let mut io = io;

@@ -24,7 +24,7 @@ use std::time::{Duration, SystemTime};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::cork::{Cork, CorkedTcp};
+use crate::cork::CorkedTcp;
 use crate::flags::ResponseFlags;
 use crate::forward::{ConnInfo, RouteSource, listener};
 use crate::metrics::TcpInfo;
@@ -143,8 +143,9 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, app_port: u16, dr
                     Detected::Closed => {}
                     Detected::Tls | Detected::Tcp => opaque(stream, &shared, &info, &labels, port).await,
                 },
-                Some(Accepted::Tls(stream, cork, peer)) => {
+                Some(Accepted::Tls(stream, peer)) => {
                     info.peer = Some(peer);
+                    let cork = stream.get_ref().0.cork();
                     listener::serve_http_corked(&builder, watcher, *stream, cork, shared, info);
                 }
                 None => {}
@@ -220,7 +221,7 @@ enum Accepted {
     Plain(TcpStream),
     /// Mutual TLS over a corked socket (the responses of one turn of the
     /// connection's task leave together: `cork.rs`).
-    Tls(Box<tokio_rustls::server::TlsStream<CorkedTcp>>, Arc<Cork>, Arc<PeerTls>),
+    Tls(Box<tokio_rustls::server::TlsStream<CorkedTcp>>, Arc<PeerTls>),
 }
 
 /// Sniffs the connection and applies the peer-authentication mode; `None` when
@@ -253,7 +254,7 @@ async fn accept(stream: TcpStream, shared: &Shared, labels: &[(String, String)],
         return None;
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(bundle.server_config().clone());
-    let (stream, cork) = CorkedTcp::new(stream);
+    let stream = CorkedTcp::new(stream);
     let tls = match tokio::time::timeout(FIRST_BYTES_TIMEOUT, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
@@ -271,7 +272,7 @@ async fn accept(stream: TcpStream, shared: &Shared, labels: &[(String, String)],
         tracing::info!(?remote, "inbound TLS peer refused: its certificate carries no SPIFFE identity");
         return None;
     };
-    Some(Accepted::Tls(Box::new(tls), cork, Arc::new(peer)))
+    Some(Accepted::Tls(Box::new(tls), Arc::new(peer)))
 }
 
 /// The verified peer's identity and the `x-forwarded-client-cert` value Envoy

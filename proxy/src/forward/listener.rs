@@ -11,6 +11,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::cork::ConnExecutor;
 use crate::flags::ResponseFlags;
 use crate::request_info::{Reporter, RequestInfo};
 use crate::state::Shared;
@@ -57,7 +58,7 @@ pub fn serve_http_watched<IO>(
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    serve_connection(builder, watcher, io, shared, info, None);
+    serve_connection(builder, watcher, io, shared, info, ConnExecutor::Plain);
 }
 
 /// Like [`serve_http_watched`], for a connection over a [`CorkedTcp`]: what each
@@ -74,7 +75,7 @@ pub fn serve_http_corked<IO>(
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    serve_connection(builder, watcher, io, shared, info, Some(cork));
+    serve_connection(builder, watcher, io, shared, info, ConnExecutor::Corked(cork));
 }
 
 fn serve_connection<IO>(
@@ -83,7 +84,7 @@ fn serve_connection<IO>(
     io: IO,
     shared: Arc<Shared>,
     info: ConnInfo,
-    cork: Option<Arc<crate::cork::Cork>>,
+    executor: ConnExecutor,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -98,7 +99,7 @@ fn serve_connection<IO>(
             record_protocol_error(&shared, &info, e.as_ref(), opened);
         }
     };
-    hyper::rt::Executor::execute(&crate::cork::ConnExecutor::from(cork), served);
+    hyper::rt::Executor::execute(&executor, served);
 }
 
 /// Accepts connections until the drain starts, handing each to `on_accept`.

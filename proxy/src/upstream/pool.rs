@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use crate::body::ProxyBody;
-use crate::cork::{ConnExecutor, Cork, CorkedTcp};
+use crate::cork::{ConnExecutor, CorkedTcp};
 use crate::snapshot::ConnectionPool;
 
 /// Which HTTP version to speak upstream.
@@ -291,19 +291,15 @@ impl Pool {
     }
 
     /// TCP, then (with `tls`) the mutual-TLS handshake and the identity check. A
-    /// TLS connection is corked: run its connection future with [`crate::cork::corked`].
-    async fn connect_io(
-        &self,
-        limits: &ConnectionPool,
-        tls: Option<&UpstreamTls>,
-    ) -> Result<(Io, Option<Arc<Cork>>), PoolError> {
+    /// TLS connection is corked: spawn its futures with [`Io::executor`].
+    async fn connect_io(&self, limits: &ConnectionPool, tls: Option<&UpstreamTls>) -> Result<Io, PoolError> {
         let addr = self.inner.addr;
         let stream = self.connect(limits).await?;
-        let Some(tls) = tls else { return Ok((Io::Plain(stream), None)) };
+        let Some(tls) = tls else { return Ok(Io::Plain(stream)) };
         let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
         // Mesh certificates carry a SPIFFE URI, not a name: the verifier ignores it.
         let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-        let (stream, cork) = CorkedTcp::new(stream);
+        let stream = CorkedTcp::new(stream);
         let stream = match tokio::time::timeout(limits.connect_timeout, connector.connect(name, stream)).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(source)) => return Err(PoolError::Tls { addr, source }),
@@ -312,7 +308,7 @@ impl Pool {
         let peer = stream.get_ref().1.peer_certificates().unwrap_or_default();
         serin_certs::verify_peer_identity(peer, &tls.expected.ids())
             .map_err(|source| PoolError::Identity { addr, source: Box::new(source) })?;
-        Ok((Io::Tls(Box::new(stream)), Some(cork)))
+        Ok(Io::Tls(Box::new(stream)))
     }
 
     async fn connect_h1(
@@ -321,12 +317,13 @@ impl Pool {
         tls: Option<&UpstreamTls>,
     ) -> Result<http1::SendRequest<ProxyBody>, PoolError> {
         let addr = self.inner.addr;
-        let (stream, cork) = self.connect_io(limits, tls).await?;
+        let stream = self.connect_io(limits, tls).await?;
+        let executor = stream.executor();
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|source| PoolError::Handshake { addr, source })?;
-        ConnExecutor::from(cork).execute(async move {
+        executor.execute(async move {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(%addr, error = %e, "upstream HTTP/1.1 connection ended");
             }
@@ -340,9 +337,9 @@ impl Pool {
         tls: Option<&UpstreamTls>,
     ) -> Result<http2::SendRequest<ProxyBody>, PoolError> {
         let addr = self.inner.addr;
-        let (stream, cork) = self.connect_io(limits, tls).await?;
+        let stream = self.connect_io(limits, tls).await?;
         // hyper runs the HTTP/2 connection's reads and writes in a task of its own.
-        let executor = ConnExecutor::from(cork);
+        let executor = stream.executor();
         let (sender, conn) = http2::Builder::new(executor.clone())
             .timer(hyper_util::rt::TokioTimer::new())
             .handshake(TokioIo::new(stream))
@@ -571,6 +568,16 @@ impl Body for PooledBody {
 enum Io {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<CorkedTcp>>),
+}
+
+impl Io {
+    /// Spawns the connection's futures: corked over mutual TLS.
+    fn executor(&self) -> ConnExecutor {
+        match self {
+            Io::Plain(_) => ConnExecutor::Plain,
+            Io::Tls(s) => ConnExecutor::Corked(s.get_ref().0.cork()),
+        }
+    }
 }
 
 impl tokio::io::AsyncRead for Io {
