@@ -5,6 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::cli_deferred::Deferred;
+
 use crate::demo::DemoArgs;
 use crate::demo_app::UpstreamArgs;
 use crate::gateway::GatewayArgs;
@@ -23,9 +25,9 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a sidecar proxy beside a workload (outbound, inbound with mTLS, admin, metrics, health).
-    Sidecar(Box<SidecarArgs>),
+    Sidecar(Deferred<SidecarArgs>),
     /// Run an ingress gateway: Istio Gateway resources with their VirtualServices (HTTP, HTTPS SIMPLE/MUTUAL, TLS passthrough).
-    Gateway(Box<GatewayArgs>),
+    Gateway(Deferred<GatewayArgs>),
     /// Check Istio YAML files as `istioctl validate` does; exit 1 on any error.
     Validate {
         /// Files or folders of Istio resources.
@@ -33,22 +35,22 @@ pub enum Command {
         paths: Vec<PathBuf>,
     },
     /// Run a demo upstream service that answers with its service, version and pod.
-    Upstream(UpstreamArgs),
+    Upstream(Deferred<UpstreamArgs>),
     /// Run a local canary of `payment` v1/v2: sidecars with mTLS, the control plane's canary analysis stepping v2's weight and rolling it back (or promoting it with --healthy-canary), load, a live table and the dashboard.
-    Demo(Box<DemoArgs>),
+    Demo(Deferred<DemoArgs>),
     /// Manage the mesh CA: create a root CA, issue workload certificates.
     Ca {
         #[command(subcommand)]
         cmd: crate::ca_cmd::CaCommand,
     },
     /// Run the control plane: serve the config folder to the sidecars over gRPC, with the management API.
-    ControlPlane(Box<crate::control_plane::ControlPlaneArgs>),
+    ControlPlane(Deferred<crate::control_plane::ControlPlaneArgs>),
     /// Talk to the control plane: set-weight, rollback, reset-weights, status, get.
-    Ctl(Box<crate::ctl::CtlArgs>),
+    Ctl(Deferred<crate::ctl::CtlArgs>),
     /// Write the pod's nat rules that capture its TCP for the sidecar (the init step, like `istio-iptables`).
-    Iptables(Box<crate::iptables::IptablesArgs>),
+    Iptables(Deferred<crate::iptables::IptablesArgs>),
     /// Add serin's sidecar to Kubernetes workloads (like `istioctl kube-inject`): init container, proxy, identity volumes.
-    Inject(Box<crate::inject::InjectArgs>),
+    Inject(Deferred<crate::inject::InjectArgs>),
 }
 
 /// Entry point of the binary.
@@ -97,12 +99,12 @@ pub fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Sidecar(args) => crate::sidecar::run(*args).await,
-            Command::Gateway(args) => crate::gateway::run(*args).await,
-            Command::Upstream(args) => crate::demo_app::run_upstream(args).await,
-            Command::Demo(args) => crate::demo::run(*args).await,
-            Command::ControlPlane(args) => crate::control_plane::run(*args).await,
-            Command::Ctl(args) => crate::ctl::run(*args).await,
+            Command::Sidecar(args) => crate::sidecar::run(args.into_inner()).await,
+            Command::Gateway(args) => crate::gateway::run(args.into_inner()).await,
+            Command::Upstream(args) => crate::demo_app::run_upstream(args.into_inner()).await,
+            Command::Demo(args) => crate::demo::run(args.into_inner()).await,
+            Command::ControlPlane(args) => crate::control_plane::run(args.into_inner()).await,
+            Command::Ctl(args) => crate::ctl::run(args.into_inner()).await,
             Command::Iptables(args) => crate::iptables::run(&args).map_err(anyhow::Error::from),
             Command::Validate { .. } | Command::Ca { .. } | Command::Inject(_) => Ok(()),
         }

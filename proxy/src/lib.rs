@@ -9,6 +9,7 @@ pub mod body;
 pub mod ca_cmd;
 pub mod cert_client;
 pub mod cli;
+pub mod cli_deferred;
 pub mod config;
 pub mod control_plane;
 pub mod cork;

@@ -96,11 +96,15 @@ fn log_not_applied(set: &config::ConfigSet, snapshot: &Snapshot) {
 }
 
 /// Watches `path` (file or folder) and reloads on change, within about a second.
-pub fn spawn_watch(path: PathBuf, shared: Arc<Shared>) -> JoinHandle<()> {
-    tokio::spawn(watch_loop(path, shared))
+///
+/// `loaded`: the files' [`fingerprint`] taken before the load `shared` already
+/// runs; the watch reloads at once if they differ when it starts (an edit made
+/// in between gives no file event). `None`: reload at once.
+pub fn spawn_watch(path: PathBuf, shared: Arc<Shared>, loaded: Option<Fingerprint>) -> JoinHandle<()> {
+    tokio::spawn(watch_loop(path, shared, loaded))
 }
 
-async fn watch_loop(path: PathBuf, shared: Arc<Shared>) {
+async fn watch_loop(path: PathBuf, shared: Arc<Shared>, loaded: Option<Fingerprint>) {
     let (tx, mut rx) = mpsc::channel::<()>(64);
     // Kept alive for the life of the task; `None` = poll only.
     let _watcher = start_watcher(&path, tx);
@@ -109,12 +113,15 @@ async fn watch_loop(path: PathBuf, shared: Arc<Shared>) {
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     poll.tick().await;
     let mut events_open = true;
-    // The first pass reloads at once: an edit made after the initial load but
-    // before the watcher started gives no event, and `last` already includes it,
-    // so it would otherwise go unnoticed until the next edit.
+    // The first pass reloads unless the files are as the running config read them
+    // (no re-parse, and no blocking thread, when a sidecar starts).
     let mut first = true;
     loop {
-        if !std::mem::take(&mut first) {
+        if std::mem::take(&mut first) {
+            if loaded.as_ref() == Some(&last) {
+                continue;
+            }
+        } else {
             tokio::select! {
                 event = rx.recv(), if events_open => {
                     if event.is_none() {
@@ -172,9 +179,12 @@ fn start_watcher(path: &Path, tx: mpsc::Sender<()>) -> Option<notify::Recommende
     Some(watcher)
 }
 
+/// The files of a config path with their sizes and modification times.
+pub type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
+
 /// Names, sizes and modification times of the configuration files (a file, or
 /// the entries of a folder): a change in any of them means "reload".
-pub fn fingerprint(path: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+pub fn fingerprint(path: &Path) -> Fingerprint {
     let files = if path.is_dir() {
         std::fs::read_dir(path)
             .map(|entries| {

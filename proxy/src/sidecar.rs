@@ -119,8 +119,9 @@ pub async fn start(args: &SidecarArgs) -> anyhow::Result<(Arc<Shared>, Bound, to
         shared.mesh.set_source(source);
     }
     if let Some(path) = &args.config {
+        let loaded = reload::fingerprint(path);
         reload::reload_now(path, &shared).map_err(|e| anyhow::anyhow!("invalid config {}:\n{e}", path.display()))?;
-        reload::spawn_watch(path.clone(), shared.clone());
+        reload::spawn_watch(path.clone(), shared.clone(), Some(loaded));
     }
     let outbound = listener::bind(args.outbound, "--outbound").await?;
     let inbound_l = listener::bind(args.inbound, "--inbound").await?;

@@ -100,8 +100,9 @@ async fn watch_picks_up_changes_and_keeps_last_good() {
     write(&dir, "registry.yaml", REGISTRY);
     write(&dir, "route.yaml", &route(95, 5));
     let shared = Shared::new(Snapshot::empty("none"), LocalWorkload::default(), AccessLog::new(false));
+    let loaded = reload::fingerprint(&dir);
     reload::reload_now(&dir, &shared).expect("initial config");
-    let handle = reload::spawn_watch(dir.clone(), Arc::clone(&shared));
+    let handle = reload::spawn_watch(dir.clone(), Arc::clone(&shared), Some(loaded));
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     // Rollback: v2 to 0.
@@ -121,13 +122,31 @@ async fn watch_picks_up_changes_and_keeps_last_good() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// An edit made after the initial load but before the watch started gives no file
+/// event and the poll's first look already includes it: the watch compares with
+/// the files as that load read them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_sees_an_edit_made_before_it_started() {
+    let dir = temp_dir("watch-late");
+    write(&dir, "registry.yaml", REGISTRY);
+    write(&dir, "route.yaml", &route(95, 5));
+    let shared = Shared::new(Snapshot::empty("none"), LocalWorkload::default(), AccessLog::new(false));
+    let loaded = reload::fingerprint(&dir);
+    reload::reload_now(&dir, &shared).expect("initial config");
+    write(&dir, "route.yaml", &route(100, 0));
+    let handle = reload::spawn_watch(dir.clone(), Arc::clone(&shared), Some(loaded));
+    wait_for("the edit made before the watch", || weights(&shared) == vec![100]).await;
+    handle.abort();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_a_single_file_edited_in_place() {
     let dir = temp_dir("watch-file");
     let file = dir.join("all.yaml");
     std::fs::write(&file, format!("{REGISTRY}---\n{}", route(95, 5))).expect("write");
     let shared = Shared::new(Snapshot::empty("none"), LocalWorkload::default(), AccessLog::new(false));
-    let handle = reload::spawn_watch(file.clone(), Arc::clone(&shared));
+    let handle = reload::spawn_watch(file.clone(), Arc::clone(&shared), None);
     tokio::time::sleep(Duration::from_millis(200)).await;
     std::fs::write(&file, format!("{REGISTRY}---\n{}", route(1, 999))).expect("write");
     wait_for("the edit", || weights(&shared) == vec![1, 999]).await;
