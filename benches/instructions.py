@@ -3,7 +3,7 @@
 
 Starts two demo upstreams (`serin upstream --body-size 1024`, v1 and v2) and, on
 loopback, (1) one `serin sidecar` splitting 95/5 between them, and (2) the mutual
-TLS sidecar pair (sidecar A -> mTLS, HTTP/2 (--mesh-h1: HTTP/1.1) -> sidecar B1/B2 ->
+TLS sidecar pair (sidecar A -> mTLS, adaptive (--mesh-h1: HTTP/1.1) -> sidecar B1/B2 ->
 upstream, identities from
 `serin ca`, STRICT PeerAuthentication), as benches/proxy_bench.py --pairs does.
 Warms each path up, then counts the proxies' instructions over a fixed number of

@@ -76,7 +76,7 @@ impl MeshIdentity {
         if !wants_mtls(cluster, endpoint) {
             return Ok((plain, None));
         }
-        let protocol = mesh_protocol(&cluster.policy.pool, plain, upgrade);
+        let protocol = mesh_protocol(&cluster.policy.pool, plain, upgrade, || endpoint.state.is_quiet());
         let bundle = self.bundle().ok_or(PoolError::NoIdentity { addr: endpoint.addr })?;
         let config = match protocol {
             UpstreamProtocol::Http1 => self.http1_config(&bundle)?,
@@ -142,11 +142,31 @@ pub fn wants_mtls(cluster: &Cluster, endpoint: &Endpoint) -> bool {
     }
 }
 
-/// The protocol of a mutual-TLS hop between sidecars: HTTP/2, multiplexing
-/// requests on one connection per destination (fewer connections, handshakes and
-/// system calls under load), unless the DestinationRule says
-/// `h2UpgradePolicy: DO_NOT_UPGRADE` or `useClientProtocol`, or the request is an
-/// upgrade (WebSocket): then `plain`, the protocol the destination port calls for.
-pub fn mesh_protocol(pool: &ConnectionPool, plain: UpstreamProtocol, upgrade: bool) -> UpstreamProtocol {
-    if upgrade || pool.use_client_protocol || pool.h2_upgrade == Some(false) { plain } else { UpstreamProtocol::Http2 }
+/// The protocol of a mutual-TLS hop between sidecars.
+///
+/// - `h2UpgradePolicy: DO_NOT_UPGRADE`, `useClientProtocol`, or an upgrade request
+///   (WebSocket): `plain`, the protocol the destination port calls for.
+/// - `UPGRADE`, or a request that is HTTP/2 anyway (`plain`): HTTP/2.
+/// - Unset or `DEFAULT` (serin's mesh default), for an HTTP/1.1 request: adaptive.
+///   HTTP/1.1 while the destination is `quiet` (no other request in flight to it,
+///   [`EndpointState::is_quiet`]): one request at a time costs less CPU and latency
+///   without HTTP/2's framing, HPACK and stream task at both ends. HTTP/2 as soon as
+///   requests overlap: they share one multiplexed connection, whose frames are
+///   written and read in batches (fewer system calls, wake-ups and TLS sessions
+///   under load).
+///
+/// [`EndpointState::is_quiet`]: crate::upstream::endpoint::EndpointState::is_quiet
+pub fn mesh_protocol(
+    pool: &ConnectionPool,
+    plain: UpstreamProtocol,
+    upgrade: bool,
+    quiet: impl FnOnce() -> bool,
+) -> UpstreamProtocol {
+    if upgrade || pool.use_client_protocol || pool.h2_upgrade == Some(false) {
+        return plain;
+    }
+    if pool.h2_upgrade.is_none() && plain == UpstreamProtocol::Http1 && quiet() {
+        return UpstreamProtocol::Http1;
+    }
+    UpstreamProtocol::Http2
 }

@@ -430,7 +430,8 @@ pub struct ConnectionPool {
     pub idle_timeout: Duration,
     /// `http.h2UpgradePolicy`: `Some(true)` for `UPGRADE` (HTTP/1.1 requests go
     /// upstream as HTTP/2), `Some(false)` for `DO_NOT_UPGRADE`, `None` for `DEFAULT`
-    /// or unset: HTTP/2 between sidecars, the port's protocol to plaintext upstreams.
+    /// or unset: the adaptive hop between sidecars (`mesh_tls::mesh_protocol`), the
+    /// port's protocol to plaintext upstreams.
     pub h2_upgrade: Option<bool>,
     /// `http.useClientProtocol`: the upstream connection speaks the client's
     /// HTTP version, whatever the port declares (and no upgrade).

@@ -151,20 +151,39 @@ async fn http1_requests(m: &Mesh, n: usize) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn http1_rides_http2_between_sidecars_unless_the_rule_says_otherwise() {
-    // Unset, DEFAULT and UPGRADE: two client connections at once, both on the one
-    // HTTP/2 mTLS connection to the payment sidecar.
-    for rule in [None, Some("h2UpgradePolicy: DEFAULT"), Some("h2UpgradePolicy: UPGRADE")] {
+async fn the_mesh_hop_protocol_follows_the_rule_and_the_load() {
+    // Unset or DEFAULT (serin's mesh default): adaptive. One request at a time rides
+    // one pooled HTTP/1.1 mTLS connection; requests sent while another is in flight
+    // share the one HTTP/2 connection.
+    for rule in [None, Some("h2UpgradePolicy: DEFAULT")] {
         let extra: Vec<String> = rule.map(payment_pool_rule).into_iter().collect();
         let m = mesh(&[STRICT.to_string()], &extra).await;
-        let ((), ()) = tokio::join!(http1_requests(&m, 10), http1_requests(&m, 10));
+        http1_requests(&m, 10).await;
         let host = payment_host(&m).await;
-        assert_eq!(host["connection_http2"], true, "{rule:?}: {host}");
-        assert_eq!(host["connections_open"], 0, "{rule:?}: no HTTP/1.1 connection: {host}");
-        assert_eq!(host["total_requests"], 20, "{rule:?}: {host}");
+        assert_eq!(host["connection_http2"], false, "{rule:?}: quiet: {host}");
+        assert_eq!(host["connections_open"], 1, "{rule:?}: quiet: {host}");
+        // Six requests at once, each held a second by the app.
+        let held = (0..6).map(|_| get(m.frontend.bound.outbound, "payment", "/delay/1000", &[]));
+        for answer in futures_util::future::join_all(held).await {
+            let (status, _, body) = answer.expect("GET");
+            assert_eq!(status, 200, "body: {}", String::from_utf8_lossy(&body));
+            assert_eq!(version_of(&body).as_deref(), Some("v1"));
+        }
+        let host = payment_host(&m).await;
+        assert_eq!(host["connection_http2"], true, "{rule:?}: overlapping: {host}");
+        assert_eq!(host["connections_open"], 1, "{rule:?}: overlapping: {host}");
+        assert_eq!(host["total_requests"], 16, "{rule:?}: {host}");
     }
+    // UPGRADE: two client connections at once, both on the one HTTP/2 mTLS
+    // connection to the payment sidecar, even one request at a time.
+    let m = mesh(&[STRICT.to_string()], &[payment_pool_rule("h2UpgradePolicy: UPGRADE")]).await;
+    let ((), ()) = tokio::join!(http1_requests(&m, 10), http1_requests(&m, 10));
+    let host = payment_host(&m).await;
+    assert_eq!(host["connection_http2"], true, "UPGRADE: {host}");
+    assert_eq!(host["connections_open"], 0, "UPGRADE: no HTTP/1.1 connection: {host}");
+    assert_eq!(host["total_requests"], 20, "UPGRADE: {host}");
     // DO_NOT_UPGRADE (Istio's mesh default), and useClientProtocol even with
-    // UPGRADE: HTTP/1.1 over one pooled keep-alive mTLS connection.
+    // UPGRADE: HTTP/1.1 over pooled keep-alive mTLS connections, also under overlap.
     for rule in ["h2UpgradePolicy: DO_NOT_UPGRADE", "h2UpgradePolicy: UPGRADE, useClientProtocol: true"] {
         let m = mesh(&[STRICT.to_string()], &[payment_pool_rule(rule)]).await;
         http1_requests(&m, 10).await;
@@ -172,6 +191,8 @@ async fn http1_rides_http2_between_sidecars_unless_the_rule_says_otherwise() {
         assert_eq!(host["connection_http2"], false, "{rule}: {host}");
         assert_eq!(host["connections_open"], 1, "{rule}: {host}");
         assert_eq!(host["total_requests"], 10, "{rule}: {host}");
+        let ((), (), ()) = tokio::join!(http1_requests(&m, 5), http1_requests(&m, 5), http1_requests(&m, 5));
+        assert_eq!(payment_host(&m).await["connection_http2"], false, "{rule}: overlapping");
     }
 }
 
@@ -192,10 +213,11 @@ async fn echo_post(m: &Mesh, body: Bytes) -> String {
 
 /// The mTLS sockets are corked (`cork.rs`): a connection's writes of one poll leave
 /// together, with a bound per poll. Bodies past that bound, both ways, on several
-/// streams of the one HTTP/2 connection at once, arrive whole and in order.
+/// streams of the one HTTP/2 connection at once (`UPGRADE`: every request on it),
+/// arrive whole and in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_bodies_both_ways_on_the_multiplexed_mtls_connection() {
-    let m = mesh(&[STRICT.to_string()], &[]).await;
+    let m = mesh(&[STRICT.to_string()], &[payment_pool_rule("h2UpgradePolicy: UPGRADE")]).await;
     // Just under the echo app's 1 MiB limit; the answer (JSON) is as large.
     let bodies: Vec<String> = (0..4u8)
         .map(|i| (0..1_000_000usize).map(|j| char::from(b'a' + (i * 7 + (j % 23) as u8) % 26)).collect())

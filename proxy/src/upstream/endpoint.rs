@@ -37,6 +37,12 @@ impl EndpointState {
         self.epoch.elapsed().as_millis() as u64
     }
 
+    /// Whether no request but the caller's own is in flight to this endpoint: the
+    /// adaptive mesh hop then speaks HTTP/1.1 ([`crate::mesh_tls::mesh_protocol`]).
+    pub fn is_quiet(&self) -> bool {
+        self.active.load(Ordering::Relaxed) <= 1
+    }
+
     /// Whether outlier detection has ejected this endpoint right now.
     pub fn is_ejected(&self) -> bool {
         let until = self.ejected_until_ms.load(Ordering::Relaxed);
