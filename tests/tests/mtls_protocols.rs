@@ -212,23 +212,25 @@ async fn echo_post(m: &Mesh, body: Bytes) -> String {
 }
 
 /// The mTLS sockets are corked (`cork.rs`): a connection's writes of one poll leave
-/// together, with a bound per poll. Bodies past that bound, both ways, on several
-/// streams of the one HTTP/2 connection at once (`UPGRADE`: every request on it),
-/// arrive whole and in order.
+/// together, with a bound per poll. Bodies past that bound, both ways, arrive whole
+/// and in order: on several streams of the one HTTP/2 connection at once (`UPGRADE`:
+/// every request on it), and on pooled HTTP/1.1 connections (`DO_NOT_UPGRADE`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn large_bodies_both_ways_on_the_multiplexed_mtls_connection() {
-    let m = mesh(&[STRICT.to_string()], &[payment_pool_rule("h2UpgradePolicy: UPGRADE")]).await;
-    // Just under the echo app's 1 MiB limit; the answer (JSON) is as large.
-    let bodies: Vec<String> = (0..4u8)
-        .map(|i| (0..1_000_000usize).map(|j| char::from(b'a' + (i * 7 + (j % 23) as u8) % 26)).collect())
-        .collect();
-    let sent = bodies.iter().map(|b| echo_post(&m, Bytes::from(b.clone())));
-    let echoed = futures_util::future::join_all(sent).await;
-    for (i, (sent, got)) in bodies.iter().zip(&echoed).enumerate() {
-        assert_eq!(got.len(), sent.len(), "body {i}");
-        assert!(got == sent, "body {i} differs");
+async fn large_bodies_both_ways_on_corked_mtls_connections() {
+    for (rule, http2) in [("h2UpgradePolicy: UPGRADE", true), ("h2UpgradePolicy: DO_NOT_UPGRADE", false)] {
+        let m = mesh(&[STRICT.to_string()], &[payment_pool_rule(rule)]).await;
+        // Just under the echo app's 1 MiB limit; the answer (JSON) is as large.
+        let bodies: Vec<String> = (0..4u8)
+            .map(|i| (0..1_000_000usize).map(|j| char::from(b'a' + (i * 7 + (j % 23) as u8) % 26)).collect())
+            .collect();
+        let sent = bodies.iter().map(|b| echo_post(&m, Bytes::from(b.clone())));
+        let echoed = futures_util::future::join_all(sent).await;
+        for (i, (sent, got)) in bodies.iter().zip(&echoed).enumerate() {
+            assert_eq!(got.len(), sent.len(), "{rule}: body {i}");
+            assert!(got == sent, "{rule}: body {i} differs");
+        }
+        let host = payment_host(&m).await;
+        assert_eq!(host["connection_http2"], http2, "{rule}: {host}");
+        assert_eq!(host["total_requests"], 4, "{rule}: {host}");
     }
-    let host = payment_host(&m).await;
-    assert_eq!(host["connection_http2"], true, "{host}");
-    assert_eq!(host["total_requests"], 4, "{host}");
 }
