@@ -148,12 +148,12 @@ pub fn wants_mtls(cluster: &Cluster, endpoint: &Endpoint) -> bool {
 ///   (WebSocket): `plain`, the protocol the destination port calls for.
 /// - `UPGRADE`, or a request that is HTTP/2 anyway (`plain`): HTTP/2.
 /// - Unset or `DEFAULT` (serin's mesh default), for an HTTP/1.1 request: adaptive.
-///   HTTP/1.1 while the destination is `quiet` (no other request in flight to it,
-///   [`EndpointState::is_quiet`]): one request at a time costs less CPU and latency
-///   without HTTP/2's framing, HPACK and stream task at both ends. HTTP/2 as soon as
-///   requests overlap: they share one multiplexed connection, whose frames are
-///   written and read in batches (fewer system calls, wake-ups and TLS sessions
-///   under load).
+///   HTTP/1.1 while the destination is `quiet` (a few requests in flight to it,
+///   [`EndpointState::is_quiet`]): one request per connection at a time costs less
+///   CPU and latency without HTTP/2's framing, HPACK and stream task at both ends.
+///   HTTP/2 once more requests overlap: they share one multiplexed connection, whose
+///   frames are written and read in batches (fewer system calls, wake-ups and TLS
+///   sessions under load).
 ///
 /// [`EndpointState::is_quiet`]: crate::upstream::endpoint::EndpointState::is_quiet
 pub fn mesh_protocol(

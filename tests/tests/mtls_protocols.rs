@@ -153,7 +153,7 @@ async fn http1_requests(m: &Mesh, n: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_mesh_hop_protocol_follows_the_rule_and_the_load() {
     // Unset or DEFAULT (serin's mesh default): adaptive. One request at a time rides
-    // one pooled HTTP/1.1 mTLS connection; requests sent while another is in flight
+    // one pooled HTTP/1.1 mTLS connection; up to 4 in flight ride one each, more
     // share the one HTTP/2 connection.
     for rule in [None, Some("h2UpgradePolicy: DEFAULT")] {
         let extra: Vec<String> = rule.map(payment_pool_rule).into_iter().collect();
@@ -162,8 +162,8 @@ async fn the_mesh_hop_protocol_follows_the_rule_and_the_load() {
         let host = payment_host(&m).await;
         assert_eq!(host["connection_http2"], false, "{rule:?}: quiet: {host}");
         assert_eq!(host["connections_open"], 1, "{rule:?}: quiet: {host}");
-        // Six requests at once, each held a second by the app.
-        let held = (0..6).map(|_| get(m.frontend.bound.outbound, "payment", "/delay/1000", &[]));
+        // Eight requests at once, each held a second by the app.
+        let held = (0..8).map(|_| get(m.frontend.bound.outbound, "payment", "/delay/1000", &[]));
         for answer in futures_util::future::join_all(held).await {
             let (status, _, body) = answer.expect("GET");
             assert_eq!(status, 200, "body: {}", String::from_utf8_lossy(&body));
@@ -171,8 +171,8 @@ async fn the_mesh_hop_protocol_follows_the_rule_and_the_load() {
         }
         let host = payment_host(&m).await;
         assert_eq!(host["connection_http2"], true, "{rule:?}: overlapping: {host}");
-        assert_eq!(host["connections_open"], 1, "{rule:?}: overlapping: {host}");
-        assert_eq!(host["total_requests"], 16, "{rule:?}: {host}");
+        assert_eq!(host["connections_open"], 4, "{rule:?}: overlapping: {host}");
+        assert_eq!(host["total_requests"], 18, "{rule:?}: {host}");
     }
     // UPGRADE: two client connections at once, both on the one HTTP/2 mTLS
     // connection to the payment sidecar, even one request at a time.
