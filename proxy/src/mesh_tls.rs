@@ -65,18 +65,20 @@ impl MeshIdentity {
     /// settings or `None` for plaintext. A plaintext hop speaks `plain` (the
     /// destination port's protocol); a mutual-TLS hop speaks [`mesh_protocol`]'s
     /// choice, and its client offers ALPN `h2` first, or only `http/1.1` for an
-    /// HTTP/1.1 hop. `upgrade`: the request is an HTTP/1.1 upgrade (WebSocket).
+    /// HTTP/1.1 hop. `upgrade`: the request is an HTTP/1.1 upgrade (WebSocket);
+    /// `in_flight`: the sidecar's requests in flight (for the adaptive hop).
     pub fn upstream_hop(
         &self,
         cluster: &Cluster,
         endpoint: &Arc<Endpoint>,
         plain: UpstreamProtocol,
         upgrade: bool,
+        in_flight: usize,
     ) -> Result<(UpstreamProtocol, Option<UpstreamTls>), PoolError> {
         if !wants_mtls(cluster, endpoint) {
             return Ok((plain, None));
         }
-        let protocol = mesh_protocol(&cluster.policy.pool, plain, upgrade, || endpoint.state.is_quiet());
+        let protocol = mesh_protocol(&cluster.policy.pool, plain, upgrade, is_quiet(in_flight));
         let bundle = self.bundle().ok_or(PoolError::NoIdentity { addr: endpoint.addr })?;
         let config = match protocol {
             UpstreamProtocol::Http1 => self.http1_config(&bundle)?,
@@ -142,30 +144,36 @@ pub fn wants_mtls(cluster: &Cluster, endpoint: &Endpoint) -> bool {
     }
 }
 
+/// Requests in flight in a sidecar up to which its adaptive mesh hop speaks
+/// HTTP/1.1 ([`mesh_protocol`]). Above one, so that the hop does not flap between
+/// the protocols at low rates (the rarely used one's code would run cold); low
+/// enough that under load every destination, however small its share, rides the
+/// batched HTTP/2 connection.
+pub const QUIET_REQUESTS: usize = 4;
+
+/// Whether a sidecar with `in_flight` requests (the caller's own included) is quiet
+/// enough for the HTTP/1.1 mesh hop.
+pub fn is_quiet(in_flight: usize) -> bool {
+    in_flight <= QUIET_REQUESTS
+}
+
 /// The protocol of a mutual-TLS hop between sidecars.
 ///
 /// - `h2UpgradePolicy: DO_NOT_UPGRADE`, `useClientProtocol`, or an upgrade request
 ///   (WebSocket): `plain`, the protocol the destination port calls for.
 /// - `UPGRADE`, or a request that is HTTP/2 anyway (`plain`): HTTP/2.
 /// - Unset or `DEFAULT` (serin's mesh default), for an HTTP/1.1 request: adaptive.
-///   HTTP/1.1 while the destination is `quiet` (a few requests in flight to it,
-///   [`EndpointState::is_quiet`]): one request per connection at a time costs less
-///   CPU and latency without HTTP/2's framing, HPACK and stream task at both ends.
-///   HTTP/2 once more requests overlap: they share one multiplexed connection, whose
-///   frames are written and read in batches (fewer system calls, wake-ups and TLS
-///   sessions under load).
-///
-/// [`EndpointState::is_quiet`]: crate::upstream::endpoint::EndpointState::is_quiet
-pub fn mesh_protocol(
-    pool: &ConnectionPool,
-    plain: UpstreamProtocol,
-    upgrade: bool,
-    quiet: impl FnOnce() -> bool,
-) -> UpstreamProtocol {
+///   HTTP/1.1 while the sidecar is `quiet` ([`is_quiet`]: a few requests in
+///   flight): one request per connection at a time costs less CPU and latency
+///   without HTTP/2's framing, HPACK and stream task at both ends. HTTP/2 once the
+///   sidecar is busier: the requests share one multiplexed connection per
+///   destination, whose frames are written and read in batches (fewer system calls,
+///   wake-ups and TLS sessions under load).
+pub fn mesh_protocol(pool: &ConnectionPool, plain: UpstreamProtocol, upgrade: bool, quiet: bool) -> UpstreamProtocol {
     if upgrade || pool.use_client_protocol || pool.h2_upgrade == Some(false) {
         return plain;
     }
-    if pool.h2_upgrade.is_none() && plain == UpstreamProtocol::Http1 && quiet() {
+    if pool.h2_upgrade.is_none() && plain == UpstreamProtocol::Http1 && quiet {
         return UpstreamProtocol::Http1;
     }
     UpstreamProtocol::Http2

@@ -153,8 +153,8 @@ async fn http1_requests(m: &Mesh, n: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_mesh_hop_protocol_follows_the_rule_and_the_load() {
     // Unset or DEFAULT (serin's mesh default): adaptive. One request at a time rides
-    // one pooled HTTP/1.1 mTLS connection; up to 4 in flight ride one each, more
-    // share the one HTTP/2 connection.
+    // one pooled HTTP/1.1 mTLS connection; while the frontend has up to 4 requests in
+    // flight they ride one each, beyond that they share the one HTTP/2 connection.
     for rule in [None, Some("h2UpgradePolicy: DEFAULT")] {
         let extra: Vec<String> = rule.map(payment_pool_rule).into_iter().collect();
         let m = mesh(&[STRICT.to_string()], &extra).await;

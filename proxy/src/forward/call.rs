@@ -116,7 +116,8 @@ pub async fn call(
         rec.set_active(endpoint.state.clone());
 
         let upgrade = head.headers.contains_key(header::UPGRADE);
-        let checkout = match rec.shared().mesh.upstream_hop(cluster, &endpoint, head.protocol, upgrade) {
+        let in_flight = rec.shared().drain.in_flight();
+        let checkout = match rec.shared().mesh.upstream_hop(cluster, &endpoint, head.protocol, upgrade, in_flight) {
             Ok((protocol, tls)) => {
                 let pool = &endpoint.state.pool;
                 pool.checkout(protocol, &cluster.policy.pool, tls.as_ref()).await.map(|conn| (conn, protocol))

@@ -32,13 +32,14 @@ pub fn maybe_send(shared: &Arc<Shared>, mirror: &Mirror, head: &UpstreamHead, bo
     let shared = shared.clone();
     tokio::spawn(async move {
         let mesh = &shared.mesh;
-        let (protocol, tls) = match mesh.upstream_hop(&cluster, &endpoint, head.protocol, false) {
-            Ok(hop) => hop,
-            Err(e) => {
-                tracing::debug!(cluster = %cluster.name, error = %e, "mirror: no mutual TLS possible");
-                return;
-            }
-        };
+        let (protocol, tls) =
+            match mesh.upstream_hop(&cluster, &endpoint, head.protocol, false, shared.drain.in_flight()) {
+                Ok(hop) => hop,
+                Err(e) => {
+                    tracing::debug!(cluster = %cluster.name, error = %e, "mirror: no mutual TLS possible");
+                    return;
+                }
+            };
         let conn = match endpoint.state.pool.checkout(protocol, &cluster.policy.pool, tls.as_ref()).await {
             Ok(conn) => conn,
             Err(e) => {

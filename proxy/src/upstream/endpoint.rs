@@ -9,12 +9,6 @@ use std::time::Instant;
 
 use super::pool::Pool;
 
-/// Requests in flight to one endpoint up to which the adaptive mesh hop speaks
-/// HTTP/1.1 (one pooled connection each); beyond, they share the HTTP/2 connection.
-/// Above one so that the hop does not flap between the two at low rates, where the
-/// rarely used protocol's code would run cold (a longer tail at 1,000 rps).
-pub const QUIET_REQUESTS: u64 = 4;
-
 /// Runtime state of one upstream address. Snapshots hold it by `Arc`, so a reload
 /// that keeps an endpoint keeps its pool and its ejection state.
 #[derive(Debug)]
@@ -41,13 +35,6 @@ impl EndpointState {
     /// Milliseconds since the registry's epoch.
     pub fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
-    }
-
-    /// Whether at most [`QUIET_REQUESTS`] requests, the caller's own included, are in
-    /// flight to this endpoint: the adaptive mesh hop then speaks HTTP/1.1
-    /// ([`crate::mesh_tls::mesh_protocol`]).
-    pub fn is_quiet(&self) -> bool {
-        self.active.load(Ordering::Relaxed) <= QUIET_REQUESTS
     }
 
     /// Whether outlier detection has ejected this endpoint right now.
