@@ -178,3 +178,33 @@ pub fn mesh_protocol(pool: &ConnectionPool, plain: UpstreamProtocol, upgrade: bo
     }
     UpstreamProtocol::Http2
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{UpstreamProtocol::*, is_quiet, mesh_protocol};
+    use crate::snapshot::ConnectionPool;
+
+    fn pool(h2_upgrade: Option<bool>, use_client_protocol: bool) -> ConnectionPool {
+        ConnectionPool { h2_upgrade, use_client_protocol, ..ConnectionPool::default() }
+    }
+
+    #[test]
+    fn the_default_hop_adapts_to_the_sidecars_load() {
+        let default = pool(None, false);
+        assert_eq!(mesh_protocol(&default, Http1, false, is_quiet(1)), Http1);
+        assert_eq!(mesh_protocol(&default, Http1, false, is_quiet(4)), Http1);
+        assert_eq!(mesh_protocol(&default, Http1, false, is_quiet(5)), Http2);
+        assert_eq!(mesh_protocol(&default, Http2, false, true), Http2, "HTTP/2 requests stay HTTP/2");
+        assert_eq!(mesh_protocol(&default, Http1, true, false), Http1, "upgrades go as HTTP/1.1");
+    }
+
+    #[test]
+    fn the_rule_fixes_the_hop() {
+        for quiet in [true, false] {
+            assert_eq!(mesh_protocol(&pool(Some(true), false), Http1, false, quiet), Http2, "UPGRADE");
+            assert_eq!(mesh_protocol(&pool(Some(false), false), Http1, false, quiet), Http1, "DO_NOT_UPGRADE");
+            assert_eq!(mesh_protocol(&pool(Some(true), true), Http1, false, quiet), Http1, "useClientProtocol");
+            assert_eq!(mesh_protocol(&pool(Some(true), true), Http2, false, quiet), Http2, "useClientProtocol");
+        }
+    }
+}
