@@ -94,14 +94,21 @@ fn reload_now_applies_once_and_rejects_bad_config() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn watch_picks_up_changes_and_keeps_last_good() {
-    let dir = temp_dir("watch");
+/// A config folder (95/5) loaded as a sidecar loads it: the files' fingerprint
+/// taken first, for the watch.
+fn loaded_folder(tag: &str) -> (PathBuf, Arc<Shared>, reload::Fingerprint) {
+    let dir = temp_dir(tag);
     write(&dir, "registry.yaml", REGISTRY);
     write(&dir, "route.yaml", &route(95, 5));
     let shared = Shared::new(Snapshot::empty("none"), LocalWorkload::default(), AccessLog::new(false));
     let loaded = reload::fingerprint(&dir);
     reload::reload_now(&dir, &shared).expect("initial config");
+    (dir, shared, loaded)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_picks_up_changes_and_keeps_last_good() {
+    let (dir, shared, loaded) = loaded_folder("watch");
     let handle = reload::spawn_watch(dir.clone(), Arc::clone(&shared), Some(loaded));
     tokio::time::sleep(Duration::from_millis(200)).await;
 
@@ -127,12 +134,7 @@ async fn watch_picks_up_changes_and_keeps_last_good() {
 /// the files as that load read them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_sees_an_edit_made_before_it_started() {
-    let dir = temp_dir("watch-late");
-    write(&dir, "registry.yaml", REGISTRY);
-    write(&dir, "route.yaml", &route(95, 5));
-    let shared = Shared::new(Snapshot::empty("none"), LocalWorkload::default(), AccessLog::new(false));
-    let loaded = reload::fingerprint(&dir);
-    reload::reload_now(&dir, &shared).expect("initial config");
+    let (dir, shared, loaded) = loaded_folder("watch-late");
     write(&dir, "route.yaml", &route(100, 0));
     let handle = reload::spawn_watch(dir.clone(), Arc::clone(&shared), Some(loaded));
     wait_for("the edit made before the watch", || weights(&shared) == vec![100]).await;
