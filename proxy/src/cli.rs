@@ -6,7 +6,6 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::cli_deferred::Deferred;
-
 use crate::demo::DemoArgs;
 use crate::demo_app::UpstreamArgs;
 use crate::gateway::GatewayArgs;
