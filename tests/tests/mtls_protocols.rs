@@ -217,12 +217,12 @@ async fn echo_post(m: &Mesh, body: Bytes) -> String {
 /// every request on it), and on pooled HTTP/1.1 connections (`DO_NOT_UPGRADE`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_bodies_both_ways_on_corked_mtls_connections() {
+    // Just under the echo app's 1 MiB limit; the answer (JSON) is as large.
+    let bodies: Vec<String> = (0..4u8)
+        .map(|i| (0..1_000_000usize).map(|j| char::from(b'a' + (i * 7 + (j % 23) as u8) % 26)).collect())
+        .collect();
     for (rule, http2) in [("h2UpgradePolicy: UPGRADE", true), ("h2UpgradePolicy: DO_NOT_UPGRADE", false)] {
         let m = mesh(&[STRICT.to_string()], &[payment_pool_rule(rule)]).await;
-        // Just under the echo app's 1 MiB limit; the answer (JSON) is as large.
-        let bodies: Vec<String> = (0..4u8)
-            .map(|i| (0..1_000_000usize).map(|j| char::from(b'a' + (i * 7 + (j % 23) as u8) % 26)).collect())
-            .collect();
         let sent = bodies.iter().map(|b| echo_post(&m, Bytes::from(b.clone())));
         let echoed = futures_util::future::join_all(sent).await;
         for (i, (sent, got)) in bodies.iter().zip(&echoed).enumerate() {
