@@ -4,11 +4,16 @@
 
 mod mtls_common;
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use mtls_common::*;
+use serin_certs::Ca;
 use serin_tests::*;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -121,14 +126,117 @@ async fn websocket_through_the_mtls_chain() {
 
 /// The frontend's `/clusters` entry for the payment sidecar's inbound address.
 async fn payment_host(m: &Mesh) -> serde_json::Value {
-    let addr = m.payment.sidecar.bound.inbound.to_string();
-    let clusters = m.frontend.admin_json("/clusters?format=json").await;
+    host_of(&m.frontend, m.payment.sidecar.bound.inbound).await
+}
+
+/// `frontend`'s `/clusters` entry for the endpoint at `addr`.
+async fn host_of(frontend: &Sidecar, addr: SocketAddr) -> serde_json::Value {
+    let addr = addr.to_string();
+    let clusters = frontend.admin_json("/clusters?format=json").await;
     let hosts = clusters["cluster_statuses"]
         .as_array()
         .expect("cluster_statuses")
         .iter()
         .flat_map(|c| c["host_statuses"].as_array().cloned().unwrap_or_default());
     hosts.into_iter().find(|h| h["address"] == addr.as_str()).unwrap_or_else(|| panic!("no host {addr}: {clusters}"))
+}
+
+/// A TCP relay in front of an address that counts the connections made to it;
+/// with no address it holds them silent (a peer that never answers a handshake).
+struct Relay {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(target: Option<SocketAddr>) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
+        let addr = listener.local_addr().expect("relay addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((mut from, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let Some(target) = target else {
+                    held.push(from);
+                    continue;
+                };
+                tokio::spawn(async move {
+                    if let Ok(mut to) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut from, &mut to).await;
+                    }
+                });
+            }
+        });
+        Relay { addr, accepted, task }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Sends `n` GETs of `path` at once, each on a client connection of its own.
+async fn burst(frontend: &Sidecar, n: usize, path: &str) -> Vec<(http::StatusCode, Bytes)> {
+    let sent = (0..n).map(|_| get(frontend.bound.outbound, "payment", path, &[]));
+    let answers = futures_util::future::join_all(sent).await;
+    answers.into_iter().map(|a| a.map(|(status, _, body)| (status, body)).expect("an answer")).collect()
+}
+
+/// Requests that find no HTTP/2 connection to a destination wait for one handshake
+/// (as Envoy's pool queues them on its connecting client): a burst opens one
+/// connection, not one per request, and a failed connect fails its waiters together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_shares_one_http2_connect() {
+    let ca = Ca::generate("cluster.local").expect("ca");
+    let (payment_dir, frontend_dir) = (cert_dir(&issue(&ca, "payment")), cert_dir(&issue(&ca, "frontend")));
+    let payment = start_payment(&[STRICT.to_string()], payment_dir.path().to_path_buf()).await;
+    let frontend_at = |relay: SocketAddr, extra: Vec<String>| {
+        let dir = frontend_dir.path().to_path_buf();
+        async move { start_frontend(relay, dir, &extra).await }
+    };
+    // UPGRADE: every request rides HTTP/2; sixteen at once, one connection.
+    let relay = Relay::start(Some(payment.sidecar.bound.inbound)).await;
+    let frontend = frontend_at(relay.addr, vec![payment_pool_rule("h2UpgradePolicy: UPGRADE")]).await;
+    for (status, body) in burst(&frontend, 16, "/delay/200").await {
+        assert_eq!(status, 200, "body: {}", String::from_utf8_lossy(&body));
+        assert_eq!(version_of(&body).as_deref(), Some("v1"));
+    }
+    assert_eq!(relay.accepted(), 1, "UPGRADE: one connection for the burst");
+    let host = host_of(&frontend, relay.addr).await;
+    assert_eq!((host["connection_http2"].clone(), host["total_requests"].clone()), (true.into(), 16.into()), "{host}");
+    // The adaptive default: the first requests of a burst ride HTTP/1.1 connections
+    // of their own, the rest the one HTTP/2 connection.
+    let relay = Relay::start(Some(payment.sidecar.bound.inbound)).await;
+    let frontend = frontend_at(relay.addr, vec![]).await;
+    for (status, body) in burst(&frontend, 16, "/delay/200").await {
+        assert_eq!(status, 200, "body: {}", String::from_utf8_lossy(&body));
+    }
+    let host = host_of(&frontend, relay.addr).await;
+    assert_eq!(host["connection_http2"], true, "{host}");
+    let http1 = host["connections_open"].as_u64().expect("connections_open") as usize;
+    assert_eq!(relay.accepted(), http1 + 1, "adaptive: {http1} HTTP/1.1 connections and one HTTP/2: {host}");
+    // A peer that never completes the handshake: each burst waits for one connect,
+    // which times out, and every request of it gets 503.
+    let silent = Relay::start(None).await;
+    let rule = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: payment, namespace: default}\nspec:\n  host: payment\n  trafficPolicy:\n    connectionPool:\n      tcp: {connectTimeout: 300ms}\n      http: {h2UpgradePolicy: UPGRADE}\n";
+    let route =
+        vs_yaml("payment", "payment", "  - retries: {attempts: 0}\n    route: [{destination: {host: payment}}]\n");
+    let frontend = frontend_at(silent.addr, vec![rule.to_string(), route]).await;
+    for round in 1..=2 {
+        for (status, body) in burst(&frontend, 12, "/").await {
+            assert_eq!(status, 503, "body: {}", String::from_utf8_lossy(&body));
+        }
+        assert_eq!(silent.accepted(), round, "one connect per burst");
+    }
 }
 
 /// A DestinationRule for `payment` with `connectionPool.http` set to `http`.

@@ -16,7 +16,7 @@ use hyper::client::conn::{http1, http2};
 use hyper::rt::Executor as _;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 
 use crate::body::ProxyBody;
 use crate::cork::{ConnExecutor, CorkedTcp};
@@ -52,13 +52,17 @@ pub enum PoolError {
     /// The request was written (maybe partly) and the connection failed.
     #[error("upstream {addr}: {source}")]
     Send { addr: SocketAddr, source: hyper::Error, refused: bool },
+    /// The HTTP/2 connect this request waited for, with every other request that
+    /// found no connection, failed so.
+    #[error(transparent)]
+    Shared(Arc<PoolError>),
 }
 
 impl PoolError {
     /// Whether nothing reached the upstream application (safe to retry anywhere).
     pub fn is_connect_failure(&self) -> bool {
         matches!(
-            self,
+            self.root(),
             PoolError::Connect { .. }
                 | PoolError::ConnectTimeout { .. }
                 | PoolError::Handshake { .. }
@@ -66,6 +70,14 @@ impl PoolError {
                 | PoolError::Identity { .. }
                 | PoolError::NoIdentity { .. }
         )
+    }
+
+    /// The error itself, or for a [`PoolError::Shared`] connect the failure it shared.
+    pub fn root(&self) -> &PoolError {
+        match self {
+            PoolError::Shared(e) => e.root(),
+            e => e,
+        }
     }
 }
 
@@ -101,7 +113,20 @@ struct PoolInner {
 #[derive(Debug, Default)]
 struct SubPool {
     idle: Mutex<Vec<IdleConn>>,
-    h2: Mutex<Option<H2Conn>>,
+    h2: Mutex<H2Slot>,
+}
+
+/// What a shared HTTP/2 connect ends in; `None` while it runs.
+type H2Outcome = Option<Result<H2Conn, Arc<PoolError>>>;
+
+/// The one multiplexed HTTP/2 connection, and the connect under way when there is
+/// none: every request that finds no usable connection waits for that one
+/// handshake (as Envoy's pool queues them on its connecting client), so a burst
+/// opens one connection, not one per request.
+#[derive(Debug, Default)]
+struct H2Slot {
+    conn: Option<H2Conn>,
+    connecting: Option<watch::Receiver<H2Outcome>>,
 }
 
 #[derive(Debug)]
@@ -141,8 +166,9 @@ impl Pool {
 
     /// Whether a live HTTP/2 connection (plaintext or mutual TLS) is pooled.
     pub fn has_http2(&self) -> bool {
-        let live =
-            |p: &SubPool| p.h2.lock().map(|c| c.as_ref().is_some_and(|c| !c.sender.is_closed())).unwrap_or(false);
+        let live = |p: &SubPool| {
+            p.h2.lock().map(|slot| slot.conn.as_ref().is_some_and(|c| !c.sender.is_closed())).unwrap_or(false)
+        };
         live(&self.inner.plain) || live(&self.inner.mtls)
     }
 
@@ -226,28 +252,71 @@ impl Pool {
     }
 
     async fn checkout_h2(&self, limits: &ConnectionPool, tls: Option<&UpstreamTls>) -> Result<Conn, PoolError> {
-        let existing = {
-            let guard = self.sub(tls.is_some()).h2.lock().unwrap_or_else(|e| e.into_inner());
-            guard.clone()
-        };
-        let conn = match existing {
-            Some(c) if !c.sender.is_closed() && !exhausted(&c.used, limits.max_requests_per_connection) => c,
-            // Boxed like `connect_h1` above: rare and large.
-            _ => Box::pin(self.new_h2(limits, tls)).await?,
-        };
+        let conn = self.shared_h2(limits, tls).await?;
         conn.used.fetch_add(1, Ordering::Relaxed);
         let mut sender = conn.sender;
         if sender.ready().await.is_err() {
-            sender = Box::pin(self.new_h2(limits, tls)).await?.sender;
+            // It closed meanwhile: the next connect (shared as well) takes the request.
+            sender = self.shared_h2(limits, tls).await?.sender;
         }
         Ok(Conn { addr: self.inner.addr, kind: ConnKind::H2(sender) })
     }
 
-    async fn new_h2(&self, limits: &ConnectionPool, tls: Option<&UpstreamTls>) -> Result<H2Conn, PoolError> {
-        let sender = self.connect_h2(limits, tls).await?;
-        let conn = H2Conn { sender, used: Arc::new(AtomicU32::new(0)) };
-        *self.sub(tls.is_some()).h2.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
-        Ok(conn)
+    /// The pooled HTTP/2 connection if it can take a request; else the outcome of
+    /// the connect under way, or of one started here. A failed connect fails every
+    /// request that waited for it.
+    async fn shared_h2(&self, limits: &ConnectionPool, tls: Option<&UpstreamTls>) -> Result<H2Conn, PoolError> {
+        let mut outcome = {
+            let mut slot = self.sub(tls.is_some()).h2.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(c) = &slot.conn
+                && !c.sender.is_closed()
+                && !exhausted(&c.used, limits.max_requests_per_connection)
+            {
+                return Ok(c.clone());
+            }
+            match &slot.connecting {
+                // A connect whose task ended without an outcome (a panic) has a closed channel.
+                Some(under_way) if !under_way.is_closed() => under_way.clone(),
+                _ => {
+                    let (done, outcome) = watch::channel(None);
+                    slot.connecting = Some(outcome.clone());
+                    // A task of its own: the handshake goes on if the requests that
+                    // wait for it give up (a timeout), and its connection is pooled.
+                    tokio::spawn(self.clone().connect_shared_h2(limits.clone(), tls.cloned(), done));
+                    outcome
+                }
+            }
+        };
+        let ended = outcome.wait_for(Option::is_some).await;
+        match ended.as_deref() {
+            Ok(Some(Ok(conn))) => Ok(conn.clone()),
+            Ok(Some(Err(e))) => Err(PoolError::Shared(e.clone())),
+            _ => Err(PoolError::Connect {
+                addr: self.inner.addr,
+                source: std::io::Error::other("the HTTP/2 connect ended without an outcome"),
+            }),
+        }
+    }
+
+    /// Connects, pools the connection and tells the requests waiting for it.
+    async fn connect_shared_h2(self, limits: ConnectionPool, tls: Option<UpstreamTls>, done: watch::Sender<H2Outcome>) {
+        let outcome = self
+            .connect_h2(&limits, tls.as_ref())
+            .await
+            .map(|sender| H2Conn { sender, used: Arc::new(AtomicU32::new(0)) })
+            .map_err(Arc::new);
+        if let Err(e) = &outcome
+            && matches!(**e, PoolError::Identity { .. } | PoolError::Tls { .. })
+        {
+            tracing::warn!(addr = %self.inner.addr, error = %e, "mutual TLS to upstream failed");
+        }
+        let mut slot = self.sub(tls.is_some()).h2.lock().unwrap_or_else(|e| e.into_inner());
+        slot.connecting = None;
+        if let Ok(conn) = &outcome {
+            slot.conn = Some(conn.clone());
+        }
+        drop(slot);
+        done.send_replace(Some(outcome));
     }
 
     fn take_idle(&self, limits: &ConnectionPool, secure: bool) -> Option<IdleConn> {
