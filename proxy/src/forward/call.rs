@@ -128,8 +128,8 @@ pub async fn call(
             Ok(pair) => pair,
             Err(PoolError::Overflow { .. }) => return Err(CallError::Overflow),
             Err(e) => {
-                // A shared HTTP/2 connect's failure was logged once, by the pool.
-                if matches!(e, PoolError::Identity { .. } | PoolError::Tls { .. } | PoolError::NoIdentity { .. }) {
+                // Handshake and identity failures are logged by the pool, once per connection.
+                if matches!(e, PoolError::NoIdentity { .. }) {
                     tracing::warn!(cluster = %cluster.name, endpoint = %endpoint.addr, error = %e, "mutual TLS to upstream failed");
                 }
                 tracing::debug!(cluster = %cluster.name, error = %e, "upstream connect failed");

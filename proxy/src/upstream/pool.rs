@@ -305,11 +305,6 @@ impl Pool {
             .await
             .map(|sender| H2Conn { sender, used: Arc::new(AtomicU32::new(0)) })
             .map_err(Arc::new);
-        if let Err(e) = &outcome
-            && matches!(**e, PoolError::Identity { .. } | PoolError::Tls { .. })
-        {
-            tracing::warn!(addr = %self.inner.addr, error = %e, "mutual TLS to upstream failed");
-        }
         let mut slot = self.sub(tls.is_some()).h2.lock().unwrap_or_else(|e| e.into_inner());
         slot.connecting = None;
         if let Ok(conn) = &outcome {
@@ -361,10 +356,24 @@ impl Pool {
 
     /// TCP, then (with `tls`) the mutual-TLS handshake and the identity check. A
     /// TLS connection is corked: spawn its futures with [`Io::executor`].
+    ///
+    /// A failed handshake or identity check is logged here, once per connection
+    /// (the requests that waited for a shared connect do not log it again).
     async fn connect_io(&self, limits: &ConnectionPool, tls: Option<&UpstreamTls>) -> Result<Io, PoolError> {
-        let addr = self.inner.addr;
         let stream = self.connect(limits).await?;
         let Some(tls) = tls else { return Ok(Io::Plain(stream)) };
+        let secured = self.secure(stream, limits, tls).await;
+        if let Err(e) = &secured
+            && matches!(e, PoolError::Tls { .. } | PoolError::Identity { .. })
+        {
+            tracing::warn!(endpoint = %self.inner.addr, error = %e, "mutual TLS to upstream failed");
+        }
+        secured
+    }
+
+    /// The mutual-TLS handshake on `stream` and the server's identity check.
+    async fn secure(&self, stream: TcpStream, limits: &ConnectionPool, tls: &UpstreamTls) -> Result<Io, PoolError> {
+        let addr = self.inner.addr;
         let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
         // Mesh certificates carry a SPIFFE URI, not a name: the verifier ignores it.
         let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
