@@ -241,6 +241,17 @@ async fn a_burst_shares_one_http2_connect() {
     }
 }
 
+/// Waits (bounded: 10 s) until the frontend has `n` requests active to the payment sidecar.
+async fn wait_active(m: &Mesh, n: u64) {
+    for _ in 0..1000 {
+        if payment_host(m).await["active_requests"].as_u64() == Some(n) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("the frontend never had {n} requests active: {}", payment_host(m).await);
+}
+
 /// A DestinationRule for `payment` with `connectionPool.http` set to `http`.
 fn payment_pool_rule(http: &str) -> String {
     format!(
@@ -272,10 +283,17 @@ async fn the_mesh_hop_protocol_follows_the_rule_and_the_load() {
         let host = payment_host(&m).await;
         assert_eq!(host["connection_http2"], false, "{rule:?}: quiet: {host}");
         assert_eq!(host["connections_open"], 1, "{rule:?}: quiet: {host}");
-        // Eight requests at once, each held a second by the app.
-        let held = (0..8).map(|_| get(m.frontend.bound.outbound, "payment", "/delay/1000", &[]));
+        // Eight requests held by the app, sent one after the other once the one
+        // before is in flight: the first four find the sidecar quiet (the first
+        // reuses the idle connection), the other four do not.
+        let mut held = Vec::new();
+        for k in 1..=8u64 {
+            let outbound = m.frontend.bound.outbound;
+            held.push(tokio::spawn(async move { get(outbound, "payment", "/delay/3000", &[]).await }));
+            wait_active(&m, k).await;
+        }
         for answer in futures_util::future::join_all(held).await {
-            let (status, _, body) = answer.expect("GET");
+            let (status, _, body) = answer.expect("task").expect("GET");
             assert_eq!(status, 200, "body: {}", String::from_utf8_lossy(&body));
             assert_eq!(version_of(&body).as_deref(), Some("v1"));
         }
