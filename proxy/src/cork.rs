@@ -221,8 +221,13 @@ impl AsyncRead for CorkedTcp {
         loop {
             ready!(tcp.poll_read_ready(cx))?;
             // tokio-rustls reads into rustls's own (initialised) buffer: nothing to zero.
-            match tcp.try_read(buf.initialize_unfilled()) {
+            let unfilled = buf.initialize_unfilled();
+            let room = unfilled.len();
+            match tcp.try_read(unfilled) {
                 Ok(n) => {
+                    if n > 0 && n < room {
+                        forget_readable(tcp);
+                    }
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
                 }
@@ -231,6 +236,15 @@ impl AsyncRead for CorkedTcp {
             }
         }
     }
+}
+
+/// After a read that did not fill its buffer the socket is drained (epoll is
+/// edge-triggered: data arriving later brings a new event), so its readiness is
+/// cleared, as tokio's own `poll_read` does. Without this, the next read (hyper
+/// reads again after each message) made a `recvfrom` that returned `EAGAIN`: one
+/// wasted system call per TLS record received.
+fn forget_readable(tcp: &TcpStream) {
+    let _ = tcp.try_io(tokio::io::Interest::READABLE, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
 }
 
 impl AsyncWrite for CorkedTcp {
@@ -313,6 +327,30 @@ mod tests {
 
         io.shutdown().await.expect("shutdown");
         assert_eq!(peer.read(&mut got).await.expect("read"), 0, "FIN after the data");
+    }
+
+    /// A read that drains the socket forgets its readiness (no `recvfrom` that can
+    /// only return `EAGAIN`); data that arrives later still reaches the reader.
+    #[tokio::test]
+    async fn a_drained_socket_still_sees_later_data() {
+        let (mut io, _cork, mut peer) = pair().await;
+        let mut buf = [0u8; 64];
+        for round in 0..3u8 {
+            peer.write_all(&[round; 5]).await.expect("write");
+            let n = io.read(&mut buf).await.expect("read");
+            assert_eq!(&buf[..n], &[round; 5]);
+            let mut cx = Context::from_waker(Waker::noop());
+            let polled = Pin::new(&mut io).poll_read(&mut cx, &mut ReadBuf::new(&mut buf));
+            assert!(polled.is_pending(), "nothing more arrived");
+        }
+        // A read that fills the buffer keeps the readiness: the rest follows.
+        peer.write_all(&[7; 100]).await.expect("write");
+        let mut got = Vec::new();
+        while got.len() < 100 {
+            let n = io.read(&mut buf).await.expect("read");
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, vec![7; 100]);
     }
 
     /// Two corked tasks on one full socket (hyper's HTTP/2 client spawns several):

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, SystemTime};
 
-use hyper_util::server::graceful::GracefulShutdown;
+use crate::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::cork::CorkedTcp;

@@ -24,6 +24,7 @@ pub mod drain;
 pub mod flags;
 pub mod forward;
 pub mod gateway;
+pub mod graceful;
 pub mod inbound;
 pub mod inject;
 pub mod iptables;

@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::server::graceful::GracefulShutdown;
+use crate::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::flags::ResponseFlags;
