@@ -2,12 +2,13 @@
 
 Loopback ports, readiness waits, CPU and memory of processes (and of a process
 tree: a master and its workers) from /proc, the payment canary config for a serin
-sidecar, identities from `serin ca`, and a `serin sidecar` process on ephemeral
+sidecar, identities from `serin ca`, and a `serin sidecar` process on free
 ports. Standard library only.
 """
 
 import os
 import platform
+import random
 import socket
 import subprocess
 import time
@@ -18,10 +19,41 @@ BIN = os.path.join(ROOT, "target", "release")
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
+_HANDED_OUT = set()
+
+
+def _ephemeral_range():
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(x) for x in f.read().split())
+            return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port that is free now, outside the kernel's ephemeral range.
+
+    A port the kernel picked for `bind(0)` is an ephemeral one: once the probe
+    socket closes, the next outgoing connection (the load generator opens
+    hundreds) may take it before our proxy binds it. Ports below the ephemeral
+    range are never handed to connect(), so a free one stays free until a
+    listener takes it; each is handed out once per process.
+    """
+    low, _ = _ephemeral_range()
+    top = low - 1 if low > 11000 else 65535
+    for _ in range(1000):
+        port = random.randint(10000, top)
+        if port in _HANDED_OUT or low <= port <= _ephemeral_range()[1]:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise SystemExit("no free loopback port outside the ephemeral range")
 
 
 def wait_http(url, timeout=10.0):
