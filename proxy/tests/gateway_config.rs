@@ -248,11 +248,12 @@ async fn reloads_apply_whole_or_not_at_all() {
     started.shared.drain.trigger();
 }
 
-/// Real Istio files (from `../shared`) compile for the gateway, given a registry.
+/// Real Istio files (checked-in copies in `tests/data/`: Istio's samples and
+/// gateway examples from its ingress tasks) compile for the gateway, given a registry.
 #[test]
 fn real_istio_gateway_files_compile() {
-    let shared = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared");
-    let read = |name: &str| std::fs::read_to_string(shared.join(name)).expect("sample file");
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let read = |name: &str| std::fs::read_to_string(data.join(name)).expect("sample file");
     let registry = |host: &str, port: u16, protocol: &str| {
         format!(
             "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: r}}\nspec:\n  hosts: [{host}]\n  \
@@ -277,11 +278,11 @@ fn real_istio_gateway_files_compile() {
     assert_eq!(table.snapshot.find_virtual_host("bookinfo.example.com").expect("any host").routes.len(), 1);
 
     // SNI passthrough (HTTPS + PASSTHROUGH, as in Istio's task).
-    let dir = "istio-corpus/istio__istio.io__content__en__docs__tasks__traffic-management__ingress__";
+    let dir = "istio-gateway-tasks/";
     let config = compile_set(
         &[
-            ("gw.yaml", read(&format!("{dir}ingress-sni-passthrough__index__block8.yaml"))),
-            ("vs.yaml", read(&format!("{dir}ingress-sni-passthrough__index__block10.yaml"))),
+            ("gw.yaml", read(&format!("{dir}ingress-sni-passthrough-block8.yaml"))),
+            ("vs.yaml", read(&format!("{dir}ingress-sni-passthrough-block10.yaml"))),
             ("registry.yaml", registry("my-nginx.default.svc.cluster.local", 443, "TLS")),
         ],
         &GatewayOptions::default(),
@@ -292,7 +293,7 @@ fn real_istio_gateway_files_compile() {
 
     // MUTUAL with a credentialName: files from --credentials-dir.
     let options = GatewayOptions { credentials_dir: Some("/secrets".into()), ..GatewayOptions::default() };
-    let config = compile_set(&[("gw.yaml", read(&format!("{dir}secure-ingress__index__block29.yaml")))], &options);
+    let config = compile_set(&[("gw.yaml", read(&format!("{dir}secure-ingress-block29.yaml")))], &options);
     let Some(PortConfig::Tls(servers)) = config.ports.get(&443) else { panic!("{config:?}") };
     let TlsAction::Terminate { credentials, .. } = &servers[0].action else { panic!("terminate") };
     assert_eq!(credentials.cert, std::path::Path::new("/secrets/httpbin-credential/tls.crt"));
