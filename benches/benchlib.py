@@ -2,8 +2,9 @@
 
 Loopback ports, readiness waits, CPU and memory of processes (and of a process
 tree: a master and its workers) from /proc, the payment canary config for a serin
-sidecar, identities from `serin ca`, and a `serin sidecar` process on free
-ports. Standard library only.
+sidecar, identities from `serin ca`, a `serin sidecar` process on free
+ports, and how much of the linker's order file a binary still matches.
+Standard library only.
 """
 
 import os
@@ -17,6 +18,9 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release")
 TICKS = os.sysconf("SC_CLK_TCK")
+ORDER_FILE = os.path.join(ROOT, "proxy", "serin.order")
+# Below this share of its symbols found in the binary, the order file is stale.
+ORDER_FILE_MIN_SHARE = 0.9
 
 
 _HANDED_OUT = set()
@@ -267,3 +271,21 @@ def cpu_model():
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
+
+
+def order_file_coverage(binary, order_file=ORDER_FILE):
+    """(listed symbols defined in `binary`, symbols listed in `order_file`).
+
+    The linker ignores listed names the binary no longer has: after a change to
+    generic types many instantiations get new mangled names, their code is placed
+    unordered, and an idle sidecar touches megabytes more of the binary
+    (benches/RESULTS.md, round 7). Needs `nm` (binutils).
+    """
+    with open(order_file) as f:
+        listed = f.read().split()
+    out = subprocess.run(["nm", "--defined-only", "--format=just-symbols", binary],
+                         capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        raise RuntimeError(f"nm {binary} failed ({out.returncode}): {out.stderr.strip()}")
+    defined = set(out.stdout.split())
+    return sum(1 for name in listed if name in defined), len(listed)

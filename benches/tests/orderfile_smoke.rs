@@ -3,7 +3,8 @@
 //! few requests per path and writes an order file to a temp folder (never
 //! `proxy/serin.order`). It asserts that the file lists the request path's
 //! functions, the one-thread sidecar's scheduler and the mTLS code, as mangled
-//! symbols the linker can match; timings never.
+//! symbols the linker can match, and that `--check` tells a current file from a
+//! stale one; timings never.
 //!
 //! Needs python3 and valgrind (`.ci/run` installs valgrind): fails naming what is
 //! missing.
@@ -34,7 +35,29 @@ fn orderfile_lists_the_sidecars_functions() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "benches/orderfile.py failed ({}):\n{stdout}\n{stderr}", out.status);
     let text = std::fs::read_to_string(&out_file).expect("the order file");
+    // `--check`: the file just written matches the binary it came from; a file of
+    // names the binary lacks (a stale one) fails, saying so.
+    let check = |order: &std::path::Path| {
+        let mut cmd = Command::new("python3");
+        cmd.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/orderfile.py"))
+            .arg("--check")
+            .arg("--out")
+            .arg(order)
+            .arg("--serin")
+            .arg(serin_bin());
+        run_bounded(&mut cmd, Duration::from_secs(120))
+    };
+    let fresh = check(&out_file);
+    let fresh_out = String::from_utf8_lossy(&fresh.stdout);
+    assert!(fresh.status.success() && fresh_out.contains("current"), "{fresh_out}");
+    let stale_file = out_file.with_extension("stale");
+    std::fs::write(&stale_file, "_ZN5serin14renamed_before4this17h0000000000000000E\n").expect("a stale order file");
+    let stale = check(&stale_file);
+    drop(std::fs::remove_file(&stale_file));
     drop(std::fs::remove_file(&out_file));
+    let stale_out = String::from_utf8_lossy(&stale.stdout);
+    assert_eq!(stale.status.code(), Some(1), "{stale_out}");
+    assert!(stale_out.contains("0 of 1 symbols") && stale_out.contains("stale"), "{stale_out}");
     let names: Vec<&str> = text.lines().collect();
     assert!(names.len() > 1000, "only {} functions:\n{stdout}\n{stderr}", names.len());
     // One symbol per line, no duplicates, mangled (what lld matches), none an address.

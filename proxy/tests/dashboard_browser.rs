@@ -23,7 +23,7 @@ use process_support::{
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -111,10 +111,6 @@ fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], bo
     Reply { status, body: String::from_utf8_lossy(&body).into_owned() }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
-}
-
 // ---- WebDriver ------------------------------------------------------------------------
 
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
@@ -129,10 +125,26 @@ struct Browser {
 
 impl Browser {
     fn start(chromium: &Path, chromedriver: &Path) -> Browser {
-        let port = free_port();
-        let process = Proc::spawn(chromedriver, &[&format!("--port={port}")], "chromedriver");
-        let driver = SocketAddr::from(([127, 0, 0, 1], port));
+        // Port 0: chromedriver binds a free port itself and names it on stdout (a
+        // port probed here first could be taken by another test before it binds).
+        let process = Proc::spawn(chromedriver, &["--port=0"], "chromedriver");
         let deadline = Instant::now() + WAIT;
+        let port = loop {
+            let started = process.stdout_lines().iter().find_map(|l| {
+                l.split_once("started successfully on port ").and_then(|(_, p)| p.trim_end_matches('.').parse().ok())
+            });
+            if let Some(port) = started.filter(|&p: &u16| p != 0) {
+                break port;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "chromedriver named no port within {WAIT:?}:\n{}\n{}",
+                process.stdout_lines().join("\n"),
+                process.stderr_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let driver = SocketAddr::from(([127, 0, 0, 1], port));
         loop {
             if TcpStream::connect(driver).is_ok() {
                 let status = http(driver, "GET", "/status", &[], "");
