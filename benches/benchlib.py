@@ -289,3 +289,18 @@ def order_file_coverage(binary, order_file=ORDER_FILE):
         raise RuntimeError(f"nm {binary} failed ({out.returncode}): {out.stderr.strip()}")
     defined = set(out.stdout.split())
     return sum(1 for name in listed if name in defined), len(listed)
+
+
+def order_file_stale(coverage):
+    """True when `coverage` (from order_file_coverage, or None: unchecked) is below ORDER_FILE_MIN_SHARE."""
+    return coverage is not None and coverage[0] < ORDER_FILE_MIN_SHARE * coverage[1]
+
+
+def order_file_note(coverage):
+    """One line on `coverage` for a report: the count, and current or stale (what to do then)."""
+    if coverage is None:
+        return "not checked"
+    found, listed = coverage
+    return (f"{found:,} of {listed:,} symbols in the binary, "
+            + ("stale: regenerate it (python3 benches/orderfile.py) and rebuild" if order_file_stale(coverage)
+               else "current"))

@@ -46,10 +46,11 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import (BIN, ORDER_FILE_MIN_SHARE, ROOT, Sidecar, config, free_port,  # noqa: E402
-                      order_file_coverage, serin_ca, stop_all, wait_http, write)
+from benchlib import (BIN, ORDER_FILE, ORDER_FILE_MIN_SHARE, ROOT, Sidecar, config, free_port,  # noqa: E402
+                      order_file_coverage, order_file_note, order_file_stale, serin_ca, stop_all, wait_http,
+                      write)
 
-OUT = os.path.join(ROOT, "proxy", "serin.order")
+OUT = ORDER_FILE
 # Processes by how widely their code is used (see above); file names of callgrind's output.
 TIERS = (("one-hop", "one-hop-1t"), ("pair-a",), ("pair-b1", "pair-b2"), ("xds",))
 SERIN = os.path.join(BIN, "serin")  # --serin
@@ -164,11 +165,9 @@ def check(binary, order_file):
     except (OSError, RuntimeError, subprocess.TimeoutExpired) as e:
         print(f"orderfile: cannot check {order_file} against {binary}: {e}", file=sys.stderr)
         return 2
-    share = found / listed if listed else 0.0
-    fresh = share >= ORDER_FILE_MIN_SHARE
-    print(f"orderfile: {found} of {listed} symbols ({share:.0%}) of {order_file} are in {binary}: "
-          + ("current" if fresh else "stale, regenerate it (python3 benches/orderfile.py) and rebuild"))
-    return 0 if fresh else 1
+    coverage = (found, listed)
+    print(f"orderfile: {order_file} against {binary}: {order_file_note(coverage)}")
+    return 1 if order_file_stale(coverage) else 0
 
 
 def main():
@@ -181,7 +180,8 @@ def main():
     ap.add_argument("--serin-load", default=SERIN_LOAD, help="serin-load binary (default target/release/serin-load)")
     ap.add_argument("--timeout", type=float, default=120, help="bound on each sidecar's start under valgrind, s")
     ap.add_argument("--check", action="store_true",
-                    help="only report how many of --out's symbols --serin defines; exit 1 below 90 %%")
+                    help="only report how many of --out's symbols --serin defines; "
+                    f"exit 1 below {ORDER_FILE_MIN_SHARE * 100:.0f} %%")
     args = ap.parse_args()
     if args.check:
         return check(args.serin, args.out)
