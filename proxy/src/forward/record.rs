@@ -223,7 +223,11 @@ where
     }
 }
 
+static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
 /// The `grpc-status` of a header or trailer block.
 pub fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
-    headers.get("grpc-status")?.to_str().ok()?.trim().parse().ok()
+    // A `HeaderName`, not a `&str`: a string key is parsed and validated per lookup,
+    // and every response is looked up (retries on gRPC `unavailable` are Istio's default).
+    headers.get(&GRPC_STATUS)?.to_str().ok()?.trim().parse().ok()
 }
