@@ -25,7 +25,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::graceful::GracefulShutdown;
 use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use http::header::{CONNECTION, CONTENT_TYPE, HeaderName, HeaderValue, SEC_WEBSOCKET_ACCEPT, UPGRADE};
@@ -46,6 +45,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tracing::{debug, info, warn};
 
 use crate::body::{BoxError, ProxyBody, boxed, empty, full};
+use crate::graceful::GracefulShutdown;
 
 /// Largest request body `/echo` and gRPC requests buffer; larger ones get 413 /
 /// `grpc-status: 8`.

@@ -21,12 +21,12 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, SystemTime};
 
-use crate::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::cork::CorkedTcp;
 use crate::flags::ResponseFlags;
 use crate::forward::{ConnInfo, RouteSource, listener};
+use crate::graceful::GracefulShutdown;
 use crate::metrics::TcpInfo;
 use crate::original_dst;
 use crate::request_info::{PeerTls, Reporter};

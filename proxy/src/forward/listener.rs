@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::graceful::GracefulShutdown;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -13,6 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::cork::ConnExecutor;
 use crate::flags::ResponseFlags;
+use crate::graceful::{GracefulShutdown, Watcher};
 use crate::request_info::{Reporter, RequestInfo};
 use crate::state::Shared;
 
@@ -51,7 +51,7 @@ pub fn serve_http<IO>(
 /// TLS handshake): `watcher` comes from the listener's `GracefulShutdown`.
 pub fn serve_http_watched<IO>(
     builder: &auto::Builder<TokioExecutor>,
-    watcher: crate::graceful::Watcher,
+    watcher: Watcher,
     io: IO,
     shared: Arc<Shared>,
     info: ConnInfo,
@@ -67,7 +67,7 @@ pub fn serve_http_watched<IO>(
 /// [`CorkedTcp`]: crate::cork::CorkedTcp
 pub fn serve_http_corked<IO>(
     builder: &auto::Builder<TokioExecutor>,
-    watcher: crate::graceful::Watcher,
+    watcher: Watcher,
     io: IO,
     cork: Arc<crate::cork::Cork>,
     shared: Arc<Shared>,
@@ -80,7 +80,7 @@ pub fn serve_http_corked<IO>(
 
 fn serve_connection<IO>(
     builder: &auto::Builder<TokioExecutor>,
-    watcher: crate::graceful::Watcher,
+    watcher: Watcher,
     io: IO,
     shared: Arc<Shared>,
     info: ConnInfo,

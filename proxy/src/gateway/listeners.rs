@@ -18,7 +18,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::graceful::GracefulShutdown;
 use arc_swap::ArcSwap;
 use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
@@ -31,6 +30,7 @@ use super::passthrough;
 use super::tls::ServerTls;
 use crate::config::gateway::SniRoute;
 use crate::forward::{ConnInfo, RouteSource, listener};
+use crate::graceful::GracefulShutdown;
 use crate::request_info::Reporter;
 use crate::snapshot::{HostPattern, Snapshot};
 use crate::state::Shared;

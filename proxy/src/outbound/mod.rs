@@ -17,12 +17,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::flags::ResponseFlags;
 use crate::forward::{ConnInfo, RouteSource, listener};
 use crate::gateway::hello;
+use crate::graceful::GracefulShutdown;
 use crate::metrics::TcpInfo;
 use crate::original_dst;
 use crate::request_info::Reporter;
