@@ -222,12 +222,8 @@ impl AsyncRead for CorkedTcp {
             ready!(tcp.poll_read_ready(cx))?;
             // tokio-rustls reads into rustls's own (initialised) buffer: nothing to zero.
             let unfilled = buf.initialize_unfilled();
-            let room = unfilled.len();
-            match tcp.try_read(unfilled) {
+            match read_forgetting_drained(tcp, unfilled) {
                 Ok(n) => {
-                    if n > 0 && n < room {
-                        forget_readable(tcp);
-                    }
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
                 }
@@ -238,13 +234,33 @@ impl AsyncRead for CorkedTcp {
     }
 }
 
-/// After a read that did not fill its buffer the socket is drained (epoll is
-/// edge-triggered: data arriving later brings a new event), so its readiness is
-/// cleared, as tokio's own `poll_read` does. Without this, the next read (hyper
-/// reads again after each message) made a `recvfrom` that returned `EAGAIN`: one
-/// wasted system call per TLS record received.
-fn forget_readable(tcp: &TcpStream) {
-    let _ = tcp.try_io(tokio::io::Interest::READABLE, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
+/// Reads what the socket holds into `buf`. A read that does not fill `buf` has
+/// drained the socket (epoll is edge-triggered: data arriving later brings a new
+/// event), so the readiness it was made on is cleared, as tokio's own `poll_read`
+/// does; without that, the next read (hyper reads again after each message) made
+/// a `recvfrom` that could only return `EAGAIN`, one per TLS record received.
+///
+/// The read happens inside `try_io`, which clears only the readiness seen before
+/// the read: an event that arrives during the read keeps the socket readable.
+/// (Clearing afterwards, in a second `try_io`, lost such an event, and a reader
+/// then waited for data that had already arrived.)
+fn read_forgetting_drained(tcp: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    use std::io::Read as _;
+    let room = buf.len();
+    let mut drained = None;
+    let read = tcp.try_io(tokio::io::Interest::READABLE, || {
+        let n = (&*socket2::SockRef::from(tcp)).read(buf)?;
+        if n > 0 && n < room {
+            // `WouldBlock` makes `try_io` clear the readiness; the bytes are kept.
+            drained = Some(n);
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match drained {
+        Some(n) => Ok(n),
+        None => read,
+    }
 }
 
 impl AsyncWrite for CorkedTcp {
