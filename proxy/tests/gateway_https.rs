@@ -138,6 +138,8 @@ async fn simple_tls_serves_each_host_with_its_own_certificate() {
         resolve("pay.example.com", https),
         s("-H"),
         s("x-forwarded-proto: http"),
+        s("-H"),
+        s("x-forwarded-for: 10.1.2.3"),
         format!("https://pay.example.com:{}/echo", https.port()),
     ])
     .await;
@@ -145,6 +147,8 @@ async fn simple_tls_serves_each_host_with_its_own_certificate() {
     assert_eq!(echo["http_version"], "HTTP/1.1", "{echo}");
     let xfp = echo["headers"]["x-forwarded-proto"].to_string();
     assert!(xfp.contains("https") && !xfp.contains("\"http\""), "{echo}");
+    // The gateway is the edge: it appends the client's address.
+    assert_eq!(echo["headers"]["x-forwarded-for"], "10.1.2.3, 127.0.0.1", "{echo}");
 
     let metrics = admin_get(t.started.bound.metrics, "/stats/prometheus").await;
     let line = metrics

@@ -129,6 +129,10 @@ async fn the_gateway_reaches_a_strict_workload_over_mesh_mtls() {
         xfcc.contains("spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account"),
         "the payment sidecar saw the gateway's identity: {echo}"
     );
+    // The edge appends the client's address and sets the scheme; the sidecar
+    // behind it changes neither (Istio: use_remote_address on gateways only).
+    assert_eq!(echo["headers"]["x-forwarded-for"], "127.0.0.1", "{echo}");
+    assert_eq!(echo["headers"]["x-forwarded-proto"], "https", "{echo}");
 
     // Without an identity the gateway cannot open the mesh hop.
     let without = gateway_support::start(&config, &[443]).await;

@@ -1,5 +1,5 @@
 //! Header handling of a proxy hop, seen from the upstream (`/echo`) and from the
-//! client: `x-request-id`, `x-forwarded-for`, hop-by-hop headers both ways.
+//! client: `x-request-id`, `x-forwarded-for` / `-proto`, hop-by-hop headers both ways.
 
 use std::net::SocketAddr;
 
@@ -71,16 +71,21 @@ async fn request_id_is_generated_when_absent_and_kept_when_present() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn forwarded_for_is_appended() {
+async fn sidecar_passes_forwarded_for_through() {
+    // Envoy in an Istio sidecar (use_remote_address false) neither adds nor
+    // appends x-forwarded-for; only the edge gateway does. x-forwarded-proto is
+    // set when the caller sent none.
     let world = World::payment_v1("HTTP", AppConfig::default(), "").await;
     let (_, _, body) = get(world.outbound(), "payment", "/echo", &[]).await.expect("GET");
     let echo = echo_json(&body);
-    assert_eq!(echo["headers"]["x-forwarded-for"], "127.0.0.1");
+    assert!(echo["headers"].get("x-forwarded-for").is_none(), "{echo}");
     assert_eq!(echo["headers"]["x-forwarded-proto"], "http");
 
-    let (_, _, body) =
-        get(world.outbound(), "payment", "/echo", &[("x-forwarded-for", "10.1.2.3, 10.0.0.9")]).await.expect("GET");
-    assert_eq!(echo_json(&body)["headers"]["x-forwarded-for"], "10.1.2.3, 10.0.0.9, 127.0.0.1");
+    let sent = [("x-forwarded-for", "10.1.2.3, 10.0.0.9"), ("x-forwarded-proto", "https")];
+    let (_, _, body) = get(world.outbound(), "payment", "/echo", &sent).await.expect("GET");
+    let echo = echo_json(&body);
+    assert_eq!(echo["headers"]["x-forwarded-for"], "10.1.2.3, 10.0.0.9");
+    assert_eq!(echo["headers"]["x-forwarded-proto"], "https");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

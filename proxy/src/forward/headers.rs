@@ -58,6 +58,28 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
+/// Sets `x-forwarded-for` and `x-forwarded-proto` as Envoy does. At the edge
+/// (`use_remote_address`, as Istio configures its gateways; `edge_client` is the
+/// client's address) the address is appended to `x-forwarded-for` and
+/// `x-forwarded-proto` becomes the connection's scheme, whatever the client sent.
+/// Behind the edge (sidecars) `x-forwarded-for` passes unchanged and
+/// `x-forwarded-proto` is set only when absent. `tls`: the downstream connection
+/// is TLS (the scheme `https`).
+pub fn set_forwarded(headers: &mut HeaderMap, edge_client: Option<IpAddr>, tls: bool) {
+    let scheme = HeaderValue::from_static(if tls { "https" } else { "http" });
+    match edge_client {
+        Some(client) => {
+            append_forwarded_for(headers, client);
+            headers.insert(&X_FORWARDED_PROTO, scheme);
+        }
+        None => {
+            if !headers.contains_key(&X_FORWARDED_PROTO) {
+                headers.insert(&X_FORWARDED_PROTO, scheme);
+            }
+        }
+    }
+}
+
 /// Appends the client's address to `x-forwarded-for`.
 pub fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
     let mut ip = [0u8; 64];
@@ -217,6 +239,31 @@ mod tests {
         h.insert(&X_REQUEST_ID, HeaderValue::from_static("from-the-client"));
         assert_eq!(&*ensure_request_id(&mut h), "from-the-client");
         assert!(h.get(&X_REQUEST_ID).is_some_and(HeaderValue::is_sensitive));
+    }
+
+    #[test]
+    fn forwarded_headers_at_the_edge_and_behind_it() {
+        let proto = |h: &HeaderMap| h.get(&X_FORWARDED_PROTO).map(|v| v.as_bytes().to_vec());
+        let client: IpAddr = "10.0.0.7".parse().expect("ip");
+        // A sidecar: the caller's x-forwarded-for and x-forwarded-proto pass unchanged.
+        let mut h = HeaderMap::new();
+        h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("10.1.2.3"));
+        h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+        set_forwarded(&mut h, None, false);
+        assert_eq!(h.get(&X_FORWARDED_FOR).map(|v| v.as_bytes()), Some(&b"10.1.2.3"[..]));
+        assert_eq!(proto(&h), Some(b"https".to_vec()));
+        // ... and none is added; x-forwarded-proto is the connection's scheme when absent.
+        let mut h = HeaderMap::new();
+        set_forwarded(&mut h, None, true);
+        assert!(!h.contains_key(&X_FORWARDED_FOR));
+        assert_eq!(proto(&h), Some(b"https".to_vec()));
+        // The edge appends the client and overrides what the client claimed.
+        let mut h = HeaderMap::new();
+        h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("10.1.2.3"));
+        h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+        set_forwarded(&mut h, Some(client), false);
+        assert_eq!(h.get(&X_FORWARDED_FOR).map(|v| v.as_bytes()), Some(&b"10.1.2.3, 10.0.0.7"[..]));
+        assert_eq!(proto(&h), Some(b"http".to_vec()));
     }
 
     #[test]

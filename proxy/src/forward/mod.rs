@@ -54,6 +54,12 @@ pub struct ConnInfo {
     /// The proxy terminated TLS for this connection at the edge (a gateway's
     /// HTTPS server): requests have scheme `https` and `x-forwarded-proto: https`.
     pub tls: bool,
+    /// The listener is the mesh's edge (a gateway), Envoy's `use_remote_address`
+    /// as Istio sets it there: the client's address is appended to
+    /// `x-forwarded-for` and `x-forwarded-proto` is this connection's scheme.
+    /// Sidecars leave `x-forwarded-for` alone and set `x-forwarded-proto` only
+    /// when it is absent.
+    pub edge: bool,
     /// Set when iptables redirected the connection here: its original
     /// destination, the service there and the fallback for unknown hosts.
     pub captured: Option<Arc<crate::outbound::Captured>>,
@@ -76,7 +82,7 @@ pub enum RouteSource {
 impl ConnInfo {
     /// A plaintext connection's info.
     pub fn new(remote: SocketAddr, local: SocketAddr, reporter: Reporter, routes: RouteSource) -> ConnInfo {
-        ConnInfo { remote, local, reporter, routes, peer: None, tls: false, captured: None, labels: None }
+        ConnInfo { remote, local, reporter, routes, peer: None, tls: false, edge: false, captured: None, labels: None }
     }
 }
 
@@ -202,12 +208,7 @@ pub async fn handle(
         }
     }
     parts.headers.remove(header::EXPECT);
-    headers::append_forwarded_for(&mut parts.headers, conn.remote.ip());
-    if conn.tls {
-        parts.headers.insert(&headers::X_FORWARDED_PROTO, http::HeaderValue::from_static("https"));
-    } else if !parts.headers.contains_key(&headers::X_FORWARDED_PROTO) {
-        parts.headers.insert(&headers::X_FORWARDED_PROTO, http::HeaderValue::from_static("http"));
-    }
+    headers::set_forwarded(&mut parts.headers, conn.edge.then_some(conn.remote.ip()), conn.tls || conn.peer.is_some());
     headers::apply_edits(&mut parts.headers, &route.headers.request);
     headers::apply_edits(&mut parts.headers, &dest.headers.request);
     let (path, authority) = rewrite(route, &parts.uri, authority);
@@ -352,8 +353,10 @@ pub fn split_host_port(authority: &str, default_port: u16) -> (Cow<'_, str>, u16
             None => (rest, None),
         }
     } else {
-        match authority.rsplit_once(':') {
-            Some((h, p)) if !h.contains(':') => (h, p.parse().ok()),
+        // One colon: host and port; none, or several (a bare IPv6 address): all host.
+        let bytes = authority.as_bytes();
+        match bytes.iter().position(|&b| b == b':') {
+            Some(i) if !bytes[i + 1..].contains(&b':') => (&authority[..i], parse_port(&bytes[i + 1..])),
             _ => (authority, None),
         }
     };
@@ -364,6 +367,21 @@ pub fn split_host_port(authority: &str, default_port: u16) -> (Cow<'_, str>, u16
         Cow::Borrowed(host)
     };
     (host, port.unwrap_or(default_port))
+}
+
+/// A port number: 1 to 5 decimal digits, at most 65535.
+fn parse_port(digits: &[u8]) -> Option<u16> {
+    if digits.is_empty() || digits.len() > 5 {
+        return None;
+    }
+    let mut port: u32 = 0;
+    for &d in digits {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        port = port * 10 + u32::from(d - b'0');
+    }
+    u16::try_from(port).ok()
 }
 
 fn protocol_name(v: Version) -> &'static str {
@@ -517,6 +535,11 @@ mod tests {
         assert_eq!(split_host_port("payment", 15001), ("payment".into(), 15001));
         assert_eq!(split_host_port("[::1]:9000", 80), ("::1".into(), 9000));
         assert_eq!(split_host_port("payment.default.svc.cluster.local", 80).0, "payment.default.svc.cluster.local");
+        assert_eq!(split_host_port("payment:", 80), ("payment".into(), 80));
+        assert_eq!(split_host_port("payment:65535", 80), ("payment".into(), 65535));
+        assert_eq!(split_host_port("payment:65536", 80), ("payment".into(), 80));
+        assert_eq!(split_host_port("payment:+81", 80), ("payment".into(), 80));
+        assert_eq!(split_host_port("fe80::1", 80), ("fe80::1".into(), 80));
     }
 
     #[test]

@@ -101,7 +101,8 @@ pub async fn serve_port(
         let current = state.load_full();
         match &*current {
             PortState::Http(routes) => {
-                let info = ConnInfo::new(remote, local, Reporter::Source, RouteSource::Own(routes.clone()));
+                let mut info = ConnInfo::new(remote, local, Reporter::Source, RouteSource::Own(routes.clone()));
+                info.edge = true;
                 listener::serve_http(&builder, &graceful, stream, shared.clone(), info);
             }
             PortState::Tls(_) => {
@@ -158,6 +159,7 @@ impl TlsConn {
         };
         let mut info = ConnInfo::new(self.remote, self.local, Reporter::Source, RouteSource::Own(routes));
         info.tls = true;
+        info.edge = true;
         // One graceful handle per connection: the port's cannot be shared with this
         // task. The IO's guard tells when hyper is done with the connection.
         let graceful = GracefulShutdown::new();
