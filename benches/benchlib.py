@@ -21,6 +21,10 @@ TICKS = os.sysconf("SC_CLK_TCK")
 ORDER_FILE = os.path.join(ROOT, "proxy", "serin.order")
 # Below this share of its symbols found in the binary, the order file is stale.
 ORDER_FILE_MIN_SHARE = 0.9
+# The order file's first names are the request path's hottest functions: one of
+# them missing (its mangled name changed) puts it outside the ordered code, which
+# costs CPU per request (benches/RESULTS.md, round 8), so all must be found.
+ORDER_FILE_HOT = 100
 
 
 _HANDED_OUT = set()
@@ -274,12 +278,14 @@ def cpu_model():
 
 
 def order_file_coverage(binary, order_file=ORDER_FILE):
-    """(listed symbols defined in `binary`, symbols listed in `order_file`).
+    """(listed symbols defined in `binary`, symbols listed in `order_file`, of its
+    first ORDER_FILE_HOT the number defined, that number of hottest listed).
 
     The linker ignores listed names the binary no longer has: after a change to
     generic types many instantiations get new mangled names, their code is placed
     unordered, and an idle sidecar touches megabytes more of the binary
-    (benches/RESULTS.md, round 7). Needs `nm` (binutils).
+    (benches/RESULTS.md, round 7); a changed hottest function costs CPU per request
+    although nearly all names still match (round 8). Needs `nm` (binutils).
     """
     with open(order_file) as f:
         listed = f.read().split()
@@ -288,19 +294,27 @@ def order_file_coverage(binary, order_file=ORDER_FILE):
     if out.returncode != 0:
         raise RuntimeError(f"nm {binary} failed ({out.returncode}): {out.stderr.strip()}")
     defined = set(out.stdout.split())
-    return sum(1 for name in listed if name in defined), len(listed)
+    hot = listed[:ORDER_FILE_HOT]
+    return (sum(1 for name in listed if name in defined), len(listed),
+            sum(1 for name in hot if name in defined), len(hot))
 
 
 def order_file_stale(coverage):
-    """True when `coverage` (from order_file_coverage, or None: unchecked) is below ORDER_FILE_MIN_SHARE."""
-    return coverage is not None and coverage[0] < ORDER_FILE_MIN_SHARE * coverage[1]
+    """True when `coverage` (from order_file_coverage, or None: unchecked) has fewer
+    than ORDER_FILE_MIN_SHARE of its names, or not all of its hottest, in the binary."""
+    if coverage is None:
+        return False
+    found, listed = coverage[0], coverage[1]
+    hot_missing = coverage[3] - coverage[2] if len(coverage) >= 4 else 0
+    return found < ORDER_FILE_MIN_SHARE * listed or hot_missing > 0
 
 
 def order_file_note(coverage):
     """One line on `coverage` for a report: the count, and current or stale (what to do then)."""
     if coverage is None:
         return "not checked"
-    found, listed = coverage
-    return (f"{found:,} of {listed:,} symbols in the binary, "
+    found, listed = coverage[0], coverage[1]
+    hot = f" (the hottest {coverage[3]:,}: {coverage[2]:,})" if len(coverage) >= 4 else ""
+    return (f"{found:,} of {listed:,} symbols in the binary{hot}, "
             + ("stale: regenerate it (python3 benches/orderfile.py) and rebuild" if order_file_stale(coverage)
                else "current"))

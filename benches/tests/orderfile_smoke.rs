@@ -53,11 +53,19 @@ fn orderfile_lists_the_sidecars_functions() {
     let stale_file = out_file.with_extension("stale");
     std::fs::write(&stale_file, "_ZN5serin14renamed_before4this17h0000000000000000E\n").expect("a stale order file");
     let stale = check(&stale_file);
-    drop(std::fs::remove_file(&stale_file));
-    drop(std::fs::remove_file(&out_file));
     let stale_out = String::from_utf8_lossy(&stale.stdout);
     assert_eq!(stale.status.code(), Some(1), "{stale_out}");
     assert!(stale_out.contains("0 of 1 symbols") && stale_out.contains("stale"), "{stale_out}");
+    // Nearly every name matching is not enough when the hottest one was renamed.
+    let renamed_first =
+        text.replacen(text.lines().next().unwrap_or_default(), "_ZN5serin7renamed17h0000000000000000E", 1);
+    std::fs::write(&stale_file, renamed_first).expect("an order file with its hottest name renamed");
+    let hot = check(&stale_file);
+    drop(std::fs::remove_file(&stale_file));
+    drop(std::fs::remove_file(&out_file));
+    let hot_out = String::from_utf8_lossy(&hot.stdout);
+    assert_eq!(hot.status.code(), Some(1), "{hot_out}");
+    assert!(hot_out.contains("the hottest 100: 99") && hot_out.contains("stale"), "{hot_out}");
     let names: Vec<&str> = text.lines().collect();
     assert!(names.len() > 1000, "only {} functions:\n{stdout}\n{stderr}", names.len());
     // One symbol per line, no duplicates, mangled (what lld matches), none an address.
