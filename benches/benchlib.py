@@ -22,8 +22,8 @@ ORDER_FILE = os.path.join(ROOT, "proxy", "serin.order")
 # Below this share of its symbols found in the binary, the order file is stale.
 ORDER_FILE_MIN_SHARE = 0.9
 # The order file's first names are the request path's hottest functions: one of
-# them missing (its mangled name changed) puts it outside the ordered code, which
-# costs CPU per request (benches/RESULTS.md, round 8), so all must be found.
+# them missing (its mangled name changed) puts it outside the ordered code
+# (benches/RESULTS.md, round 8), so all must be found.
 ORDER_FILE_HOT = 100
 
 
@@ -284,8 +284,8 @@ def order_file_coverage(binary, order_file=ORDER_FILE):
     The linker ignores listed names the binary no longer has: after a change to
     generic types many instantiations get new mangled names, their code is placed
     unordered, and an idle sidecar touches megabytes more of the binary
-    (benches/RESULTS.md, round 7); a changed hottest function costs CPU per request
-    although nearly all names still match (round 8). Needs `nm` (binutils).
+    (benches/RESULTS.md, round 7); the hottest functions can be renamed while
+    nearly all names still match (round 8). Needs `nm` (binutils).
     """
     with open(order_file) as f:
         listed = f.read().split()
