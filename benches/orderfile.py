@@ -24,11 +24,11 @@ A stale order file still links (symbols that no longer exist are ignored, new
 functions are placed after the listed ones) but costs memory: a change to generic
 types renames many instantiations, and their code falls out of the ordered pages
 (round 7: 1,583 of 2,775 symbols left, idle RSS 7.2 -> 11.6 MiB), and the names
-that matter most can go while nearly all others match (round 8: 97 % matched, but not
-the request handler, the hottest function). `--check` says how much
-of the file a release binary still matches and fails below 90 % or when any of the
-100 hottest names is missing; `benches/compare` reports the same. Regenerate it after changes to the data path
-(a minute or two), then rebuild:
+that matter most can go while nearly all others match (round 8: 97 % matched, but
+not the request handler, the hottest function). `--check` says how much of the file
+a release binary still matches and fails below 90 % or when any of the 100 hottest
+names is missing; `benches/compare` reports the same. Regenerate it after changes to
+the data path (a minute or two), then rebuild:
 
     python3 benches/orderfile.py [--no-build] [--requests 3000] [--out FILE]
                                  [--serin PATH --serin-load PATH]
