@@ -304,17 +304,15 @@ def order_file_stale(coverage):
     than ORDER_FILE_MIN_SHARE of its names, or not all of its hottest, in the binary."""
     if coverage is None:
         return False
-    found, listed = coverage[0], coverage[1]
-    hot_missing = coverage[3] - coverage[2] if len(coverage) >= 4 else 0
-    return found < ORDER_FILE_MIN_SHARE * listed or hot_missing > 0
+    found, listed, hot_found, hot_listed = coverage
+    return found < ORDER_FILE_MIN_SHARE * listed or hot_found < hot_listed
 
 
 def order_file_note(coverage):
     """One line on `coverage` for a report: the count, and current or stale (what to do then)."""
     if coverage is None:
         return "not checked"
-    found, listed = coverage[0], coverage[1]
-    hot = f" (the hottest {coverage[3]:,}: {coverage[2]:,})" if len(coverage) >= 4 else ""
-    return (f"{found:,} of {listed:,} symbols in the binary{hot}, "
+    found, listed, hot_found, hot_listed = coverage
+    return (f"{found:,} of {listed:,} symbols in the binary (the hottest {hot_listed:,}: {hot_found:,}), "
             + ("stale: regenerate it (python3 benches/orderfile.py) and rebuild" if order_file_stale(coverage)
                else "current"))
