@@ -469,6 +469,7 @@ fn sidecar_args(
         cert_dir: Some(cert_dir),
         split: SplitMode::Exact,
         drain_timeout: Duration::from_secs(2),
+        idle_timeout: crate::idle::DEFAULT_IDLE_TIMEOUT,
         concurrency: 0,
         outbound_traffic_policy: Default::default(),
         control_plane: Default::default(),

@@ -1,6 +1,7 @@
 //! Graceful shutdown of served connections: each one is told to finish its
 //! requests and close (hyper's `graceful_shutdown`) when its listener drains,
-//! and the listener waits for them.
+//! or when it has been idle for its idle timeout ([`crate::idle`]), and the
+//! listener waits for them.
 //!
 //! Why not hyper-util's `GracefulShutdown`: its connection future polls a `watch`
 //! receiver every time the connection is polled, which locks the channel's
@@ -17,6 +18,8 @@ use std::task::{Context, Poll, Waker};
 use hyper_util::server::graceful::GracefulConnection;
 use tokio::sync::Notify;
 use tokio::sync::futures::OwnedNotified;
+
+use crate::idle::IdleTimer;
 
 /// The connections of one listener that drain together.
 #[derive(Debug, Default)]
@@ -87,7 +90,7 @@ impl Watcher {
     /// Watches `conn` (see [`GracefulShutdown::watch`]).
     pub fn watch<C: GracefulConnection>(self, conn: C) -> Watched<C> {
         let start = self.open.0.start.clone().notified_owned();
-        Watched { conn, start, waker: None, shut: false, open: self.open }
+        Watched { conn, start, waker: None, shut: false, open: self.open, idle: None }
     }
 }
 
@@ -104,7 +107,8 @@ impl Drop for Open {
 }
 
 pin_project_lite::pin_project! {
-    /// A connection future that shuts down gracefully when its listener drains.
+    /// A connection future that shuts down gracefully when its listener drains
+    /// (or, with [`close_when_idle`](Watched::close_when_idle), when it is idle).
     pub struct Watched<C> {
         #[pin]
         conn: C,
@@ -115,6 +119,15 @@ pin_project_lite::pin_project! {
         // `graceful_shutdown` was called.
         shut: bool,
         open: Open,
+        idle: Option<IdleTimer>,
+    }
+}
+
+impl<C> Watched<C> {
+    /// Also shuts the connection down gracefully once `timer` finds it idle.
+    pub fn close_when_idle(mut self, timer: IdleTimer) -> Watched<C> {
+        self.idle = Some(timer);
+        self
     }
 }
 
@@ -126,11 +139,16 @@ impl<C: GracefulConnection> Future for Watched<C> {
         if !*this.shut {
             // Register for the drain's wake-up first, then read the flag: a drain
             // that starts in between wakes this task, one that started before is seen.
-            if !this.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            let new_waker = !this.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+            if new_waker {
                 let _ = this.start.as_mut().poll(cx);
                 *this.waker = Some(cx.waker().clone());
             }
-            if this.open.0.draining.load(Ordering::Acquire) {
+            let idle = this.idle.as_mut().is_some_and(|timer| timer.poll_idle(cx, new_waker));
+            if idle || this.open.0.draining.load(Ordering::Acquire) {
+                if idle {
+                    tracing::debug!("idle timeout: closing the connection");
+                }
                 *this.shut = true;
                 this.conn.as_mut().graceful_shutdown();
             }

@@ -118,14 +118,14 @@ const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves the inbound listener until the drain starts. `app_port` is the port the
 /// workload listens on (PeerAuthentication's port-level settings refer to it).
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, app_port: u16, drain_deadline: Duration) {
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, app_port: u16, timeouts: listener::Timeouts) {
     let graceful = GracefulShutdown::new();
-    let builder = listener::http_builder();
+    let server = listener::HttpServer::new(timeouts.idle);
     let labels = Arc::new(local_labels(&shared.local));
     let accept_shared = shared.clone();
     let mut captured_ports = CapturedPorts::default();
     listener::accept_loop(listener, &accept_shared, |stream, remote| {
-        let (shared, builder, labels, watcher) = (shared.clone(), builder.clone(), labels.clone(), graceful.watcher());
+        let (shared, server, labels, watcher) = (shared.clone(), server.clone(), labels.clone(), graceful.watcher());
         let local = stream.local_addr().unwrap_or(remote);
         // Captured by iptables: the app listens on the port the caller dialled;
         // otherwise the caller dialled this listener and the app is `--app`.
@@ -139,21 +139,21 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, app_port: u16, dr
             info.labels = Some(labels.clone());
             match accept(stream, &shared, &labels, port).await {
                 Some(Accepted::Plain(stream)) => match sniff::detect(&stream).await {
-                    Detected::Http => listener::serve_http_watched(&builder, watcher, stream, shared, info),
+                    Detected::Http => listener::serve_http_watched(&server, watcher, stream, shared, info),
                     Detected::Closed => {}
                     Detected::Tls | Detected::Tcp => opaque(stream, &shared, &info, &labels, port).await,
                 },
                 Some(Accepted::Tls(stream, peer)) => {
                     info.peer = Some(peer);
                     let cork = stream.get_ref().0.cork();
-                    listener::serve_http_corked(&builder, watcher, *stream, cork, shared, info);
+                    listener::serve_http_corked(&server, watcher, *stream, cork, shared, info);
                 }
                 None => {}
             }
         });
     })
     .await;
-    listener::drain_connections(graceful, drain_deadline).await;
+    listener::drain_connections(graceful, timeouts.drain).await;
 }
 
 /// A plaintext connection that is not HTTP (a database protocol, say): checked

@@ -25,6 +25,7 @@ pub mod flags;
 pub mod forward;
 pub mod gateway;
 pub mod graceful;
+pub mod idle;
 pub mod inbound;
 pub mod inject;
 pub mod iptables;

@@ -68,6 +68,11 @@ pub struct SidecarArgs {
     /// How long a drain lets requests in flight finish.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
+    /// A client connection with nothing read or written for this long is closed,
+    /// gracefully (Envoy's `idle_timeout`, 1 h by default); 0 keeps idle
+    /// connections open.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
     /// Worker threads (Envoy's `--concurrency`, Istio's `concurrency`); 0 = one
     /// per core the process may run on. With one, the proxy runs on a single
     /// thread: no cross-thread wake-ups or work stealing.
@@ -144,13 +149,9 @@ pub async fn start(args: &SidecarArgs) -> anyhow::Result<(Arc<Shared>, Bound, to
     tokio::spawn(admin::serve_metrics(metrics_l, shared.clone()));
     tokio::spawn(admin::serve_health(health_l, shared.clone()));
     shared.inbound.store(Arc::new(inbound::snapshot(args.app, bound.inbound.port(), &shared.local, &shared.registry)));
-    tokio::spawn(inbound::serve(inbound_l, shared.clone(), args.app.port(), args.drain_timeout));
-    let data = tokio::spawn(crate::outbound::serve(
-        outbound,
-        shared.clone(),
-        args.outbound_traffic_policy,
-        args.drain_timeout,
-    ));
+    let timeouts = listener::Timeouts { idle: args.idle_timeout, drain: args.drain_timeout };
+    tokio::spawn(inbound::serve(inbound_l, shared.clone(), args.app.port(), timeouts));
+    let data = tokio::spawn(crate::outbound::serve(outbound, shared.clone(), args.outbound_traffic_policy, timeouts));
     tracing::info!(outbound = %bound.outbound, inbound = %bound.inbound, app = %args.app, admin = %bound.admin, metrics = %bound.metrics, health = %bound.health, "sidecar ready");
     Ok((shared, bound, data))
 }

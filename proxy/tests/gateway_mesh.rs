@@ -47,6 +47,7 @@ async fn payment_pod(dir: &TempDir, ca: &Ca, app: SocketAddr) -> SocketAddr {
         cert_dir: Some(certs),
         split: SplitMode::Exact,
         drain_timeout: Duration::from_secs(2),
+        idle_timeout: serin::idle::DEFAULT_IDLE_TIMEOUT,
         concurrency: 0,
         outbound_traffic_policy: Default::default(),
         control_plane: Default::default(),

@@ -119,6 +119,7 @@ impl Sidecar {
             cert_dir: None,
             split: SplitMode::Exact,
             drain_timeout: Duration::from_secs(2),
+            idle_timeout: serin::idle::DEFAULT_IDLE_TIMEOUT,
             concurrency: 0,
             outbound_traffic_policy: Default::default(),
             control_plane: Default::default(),

@@ -13,7 +13,8 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::cork::ConnExecutor;
 use crate::flags::ResponseFlags;
 use crate::graceful::{GracefulShutdown, Watcher};
-use crate::request_info::{Reporter, RequestInfo};
+use crate::idle::{ActiveIo, IdleTimer};
+use crate::request_info::RequestInfo;
 use crate::state::Shared;
 
 use super::ConnInfo;
@@ -21,44 +22,56 @@ use super::ConnInfo;
 /// Largest request head accepted (Envoy's default is 60 KiB); larger gets 431.
 pub const MAX_REQUEST_HEADERS: usize = 60 * 1024;
 
-/// The HTTP/1.1 + h2c connection builder with serin's limits.
-pub fn http_builder() -> Arc<auto::Builder<TokioExecutor>> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .max_buf_size(MAX_REQUEST_HEADERS)
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(60));
-    builder.http2().timer(TokioTimer::new()).max_header_list_size(MAX_REQUEST_HEADERS as u32);
-    Arc::new(builder)
+/// A listener's timeouts: how long its connections may stay idle, and how long
+/// its drain lets requests in flight finish.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// Nothing read or written for this long closes a connection (zero: never).
+    pub idle: Duration,
+    /// How long a drain waits for open connections.
+    pub drain: Duration,
+}
+
+/// How a listener serves HTTP on its connections: hyper's HTTP/1.1 + h2c
+/// builder with serin's limits, and the idle timeout.
+#[derive(Debug)]
+pub struct HttpServer {
+    builder: auto::Builder<TokioExecutor>,
+    /// `None`: connections stay open however long they are idle.
+    idle_timeout: Option<Duration>,
+}
+
+impl HttpServer {
+    /// A server whose connections close after `idle_timeout` with nothing read
+    /// or written (zero: never; see [`crate::idle`]).
+    pub fn new(idle_timeout: Duration) -> Arc<HttpServer> {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        // No header-read timeout: hyper's runs while a kept-alive connection waits
+        // for its next request too, and arms a timer per request; the idle
+        // timeout covers both, per connection.
+        builder.http1().max_buf_size(MAX_REQUEST_HEADERS).timer(TokioTimer::new()).header_read_timeout(None);
+        builder.http2().timer(TokioTimer::new()).max_header_list_size(MAX_REQUEST_HEADERS as u32);
+        let idle_timeout = (!idle_timeout.is_zero()).then_some(idle_timeout);
+        Arc::new(HttpServer { builder, idle_timeout })
+    }
 }
 
 /// Serves HTTP on one accepted connection (plain TCP or TLS) in a task of its own;
 /// the connection drains with `graceful`.
-pub fn serve_http<IO>(
-    builder: &auto::Builder<TokioExecutor>,
-    graceful: &GracefulShutdown,
-    io: IO,
-    shared: Arc<Shared>,
-    info: ConnInfo,
-) where
+pub fn serve_http<IO>(server: &HttpServer, graceful: &GracefulShutdown, io: IO, shared: Arc<Shared>, info: ConnInfo)
+where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    serve_http_watched(builder, graceful.watcher(), io, shared, info);
+    serve_http_watched(server, graceful.watcher(), io, shared, info);
 }
 
 /// Like [`serve_http`], for a connection accepted in a task of its own (after a
 /// TLS handshake): `watcher` comes from the listener's `GracefulShutdown`.
-pub fn serve_http_watched<IO>(
-    builder: &auto::Builder<TokioExecutor>,
-    watcher: Watcher,
-    io: IO,
-    shared: Arc<Shared>,
-    info: ConnInfo,
-) where
+pub fn serve_http_watched<IO>(server: &HttpServer, watcher: Watcher, io: IO, shared: Arc<Shared>, info: ConnInfo)
+where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    serve_connection(builder, watcher, io, shared, info, ConnExecutor::Plain);
+    serve_connection(server, watcher, io, shared, info, ConnExecutor::Plain);
 }
 
 /// Like [`serve_http_watched`], for a connection over a [`CorkedTcp`]: what each
@@ -66,7 +79,7 @@ pub fn serve_http_watched<IO>(
 ///
 /// [`CorkedTcp`]: crate::cork::CorkedTcp
 pub fn serve_http_corked<IO>(
-    builder: &auto::Builder<TokioExecutor>,
+    server: &HttpServer,
     watcher: Watcher,
     io: IO,
     cork: Arc<crate::cork::Cork>,
@@ -75,11 +88,11 @@ pub fn serve_http_corked<IO>(
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    serve_connection(builder, watcher, io, shared, info, ConnExecutor::Corked(cork));
+    serve_connection(server, watcher, io, shared, info, ConnExecutor::Corked(cork));
 }
 
 fn serve_connection<IO>(
-    builder: &auto::Builder<TokioExecutor>,
+    server: &HttpServer,
     watcher: Watcher,
     io: IO,
     shared: Arc<Shared>,
@@ -91,8 +104,20 @@ fn serve_connection<IO>(
     let svc_shared = shared.clone();
     let svc_info = info.clone();
     let svc = service_fn(move |req| super::handle(svc_shared.clone(), svc_info.clone(), req));
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc).into_owned();
+    let (idle, activity) = match server.idle_timeout {
+        Some(timeout) => {
+            let (timer, activity) = IdleTimer::new(timeout);
+            (Some(timer), activity)
+        }
+        None => (None, Default::default()),
+    };
+    let io = TokioIo::new(ActiveIo::new(io, activity));
+    let conn = server.builder.serve_connection_with_upgrades(io, svc).into_owned();
     let conn = watcher.watch(conn);
+    let conn = match idle {
+        Some(timer) => conn.close_when_idle(timer),
+        None => conn,
+    };
     let served = async move {
         let opened = Instant::now();
         if let Err(e) = conn.await {
@@ -119,26 +144,6 @@ pub async fn accept_loop(listener: TcpListener, shared: &Shared, mut on_accept: 
         let _ = stream.set_nodelay(true);
         on_accept(stream, remote);
     }
-}
-
-/// Serves plaintext HTTP on `listener` until the drain starts, then lets open
-/// connections finish their requests for up to `drain_deadline`.
-pub async fn serve(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    reporter: Reporter,
-    routes: super::RouteSource,
-    drain_deadline: Duration,
-) {
-    let graceful = GracefulShutdown::new();
-    let builder = http_builder();
-    accept_loop(listener, &shared, |stream, remote| {
-        let local = stream.local_addr().unwrap_or(remote);
-        let info = ConnInfo::new(remote, local, reporter, routes.clone());
-        serve_http(&builder, &graceful, stream, shared.clone(), info);
-    })
-    .await;
-    drain_connections(graceful, drain_deadline).await;
 }
 
 /// Waits for drained connections to finish, up to `deadline`.

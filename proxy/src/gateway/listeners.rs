@@ -19,8 +19,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hyper_util::rt::TokioExecutor;
-use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
@@ -84,17 +82,17 @@ impl PortState {
 }
 
 /// Serves gateway port `port` on `listener` until the drain starts, then lets
-/// plain-HTTP connections finish for up to `drain_timeout` (TLS connections drain
+/// plain-HTTP connections finish for up to `timeouts.drain` (TLS connections drain
 /// in their own tasks).
 pub async fn serve_port(
     listener: TcpListener,
     port: u16,
     state: Arc<ArcSwap<PortState>>,
     shared: Arc<Shared>,
-    drain_timeout: Duration,
+    timeouts: listener::Timeouts,
 ) {
     let graceful = GracefulShutdown::new();
-    let builder = listener::http_builder();
+    let server = listener::HttpServer::new(timeouts.idle);
     listener::accept_loop(listener, &shared, |stream, remote| {
         // Routing sees the Gateway's port number, not the (possibly remapped) socket's.
         let local = SocketAddr::new(stream.local_addr().map_or(remote.ip(), |a| a.ip()), port);
@@ -103,16 +101,22 @@ pub async fn serve_port(
             PortState::Http(routes) => {
                 let mut info = ConnInfo::new(remote, local, Reporter::Source, RouteSource::Own(routes.clone()));
                 info.edge = true;
-                listener::serve_http(&builder, &graceful, stream, shared.clone(), info);
+                listener::serve_http(&server, &graceful, stream, shared.clone(), info);
             }
             PortState::Tls(_) => {
-                let conn = TlsConn { remote, local, shared: shared.clone(), builder: builder.clone(), drain_timeout };
+                let conn = TlsConn {
+                    remote,
+                    local,
+                    shared: shared.clone(),
+                    server: server.clone(),
+                    drain_timeout: timeouts.drain,
+                };
                 tokio::spawn(conn.serve(stream, current));
             }
         }
     })
     .await;
-    listener::drain_connections(graceful, drain_timeout).await;
+    listener::drain_connections(graceful, timeouts.drain).await;
 }
 
 /// One accepted connection on a TLS port.
@@ -120,7 +124,7 @@ struct TlsConn {
     remote: SocketAddr,
     local: SocketAddr,
     shared: Arc<Shared>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    server: Arc<listener::HttpServer>,
     drain_timeout: Duration,
 }
 
@@ -163,7 +167,7 @@ impl TlsConn {
         // One graceful handle per connection: the port's cannot be shared with this
         // task. The IO's guard tells when hyper is done with the connection.
         let graceful = GracefulShutdown::new();
-        listener::serve_http(&self.builder, &graceful, tls_stream, self.shared.clone(), info);
+        listener::serve_http(&self.server, &graceful, tls_stream, self.shared.clone(), info);
         tokio::select! {
             _ = closed_rx => {}
             () = self.shared.drain.signaled() => {

@@ -109,6 +109,11 @@ pub struct GatewayArgs {
     /// How long a drain lets requests in flight finish.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
+    /// A client connection with nothing read or written for this long is closed,
+    /// gracefully (Envoy's `idle_timeout`, 1 h by default); 0 keeps idle
+    /// connections open.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
 }
 
 impl GatewayArgs {
@@ -134,6 +139,7 @@ impl GatewayArgs {
             no_access_log: true,
             split: SplitMode::Exact,
             drain_timeout: Duration::from_secs(5),
+            idle_timeout: crate::idle::DEFAULT_IDLE_TIMEOUT,
         }
     }
 }
@@ -214,7 +220,13 @@ pub async fn start(args: &GatewayArgs) -> anyhow::Result<Started> {
         credentials_dir: args.credentials_dir.clone(),
     };
     let plan = ListenPlan { bind: args.bind_address, overrides: args.listen.iter().copied().collect() };
-    let gateway = Gateway::new(shared.clone(), args.config.clone(), options, plan, args.drain_timeout);
+    let gateway = Gateway::new(
+        shared.clone(),
+        args.config.clone(),
+        options,
+        plan,
+        listener::Timeouts { idle: args.idle_timeout, drain: args.drain_timeout },
+    );
     gateway
         .reload_now()
         .await

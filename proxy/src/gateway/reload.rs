@@ -23,6 +23,7 @@ use super::listeners::{self, PortState, Routes, TlsServerKind, TlsServerState};
 use super::tls::{self, Refresh, ServerTls};
 use crate::config::gateway::{GatewayConfig, GatewayOptions, PortConfig, RouteTable, TlsAction, compile_gateway};
 use crate::config::{self, ConfigError, ConfigErrors};
+use crate::forward::listener::Timeouts;
 use crate::reload::{ReloadOutcome, source_label};
 use crate::snapshot::Snapshot;
 use crate::state::Shared;
@@ -53,7 +54,7 @@ pub struct Gateway {
     path: PathBuf,
     options: GatewayOptions,
     listen: ListenPlan,
-    drain_timeout: Duration,
+    timeouts: Timeouts,
     inner: tokio::sync::Mutex<Inner>,
 }
 
@@ -88,9 +89,9 @@ impl Gateway {
         path: PathBuf,
         options: GatewayOptions,
         listen: ListenPlan,
-        drain_timeout: Duration,
+        timeouts: Timeouts,
     ) -> Arc<Gateway> {
-        Arc::new(Gateway { shared, path, options, listen, drain_timeout, inner: Default::default() })
+        Arc::new(Gateway { shared, path, options, listen, timeouts, inner: Default::default() })
     }
 
     /// Gateway port → bound address, now.
@@ -163,13 +164,8 @@ impl Gateway {
             let Some(listener) = listeners.remove(&port) else { continue };
             let addr = listener.local_addr().unwrap_or_else(|_| self.listen.addr(port));
             let state = Arc::new(ArcSwap::from_pointee(state));
-            let task = tokio::spawn(listeners::serve_port(
-                listener,
-                port,
-                state.clone(),
-                self.shared.clone(),
-                self.drain_timeout,
-            ));
+            let task =
+                tokio::spawn(listeners::serve_port(listener, port, state.clone(), self.shared.clone(), self.timeouts));
             tracing::info!(port, %addr, "gateway port listening");
             inner.ports.insert(port, RunningPort { addr, state, task });
         }

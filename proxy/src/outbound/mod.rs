@@ -15,7 +15,6 @@ pub mod passthrough;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 
@@ -58,18 +57,18 @@ pub struct Captured {
 }
 
 /// Serves the outbound listener until the drain starts.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, policy: OutboundPolicy, drain_deadline: Duration) {
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, policy: OutboundPolicy, timeouts: listener::Timeouts) {
     let graceful = GracefulShutdown::new();
-    let builder = listener::http_builder();
+    let server = listener::HttpServer::new(timeouts.idle);
     let accept_shared = shared.clone();
     listener::accept_loop(listener, &accept_shared, |stream, remote| {
         let local = stream.local_addr().unwrap_or(remote);
         let info = ConnInfo::new(remote, local, Reporter::Source, RouteSource::Outbound);
         let Some(dst) = original_dst::redirected(&stream) else {
-            listener::serve_http(&builder, &graceful, stream, shared.clone(), info);
+            listener::serve_http(&server, &graceful, stream, shared.clone(), info);
             return;
         };
-        let (shared, builder, watcher) = (shared.clone(), builder.clone(), graceful.watcher());
+        let (shared, server, watcher) = (shared.clone(), server.clone(), graceful.watcher());
         tokio::spawn(async move {
             let service = shared.snapshot.load().service_by_addr(dst).cloned();
             let declared = service.as_ref().and_then(|s| s.protocol(dst.port())).map(str::to_ascii_uppercase);
@@ -88,7 +87,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, policy: OutboundP
                     };
                     let mut info = info;
                     info.captured = Some(Arc::new(Captured { dst, service, passthrough }));
-                    listener::serve_http_watched(&builder, watcher, stream, shared, info);
+                    listener::serve_http_watched(&server, watcher, stream, shared, info);
                 }
                 Detected::Tls => opaque(stream, dst, service, &shared, policy, true).await,
                 Detected::Tcp => opaque(stream, dst, service, &shared, policy, false).await,
@@ -96,7 +95,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, policy: OutboundP
         });
     })
     .await;
-    listener::drain_connections(graceful, drain_deadline).await;
+    listener::drain_connections(graceful, timeouts.drain).await;
 }
 
 /// Passes a captured non-HTTP connection through: to the service found by its

@@ -76,6 +76,7 @@ pub fn sidecar_args(config: PathBuf, cert_dir: Option<PathBuf>) -> SidecarArgs {
         cert_dir,
         split: SplitMode::Exact,
         drain_timeout: Duration::from_secs(2),
+        idle_timeout: serin::idle::DEFAULT_IDLE_TIMEOUT,
         concurrency: 0,
         outbound_traffic_policy: Default::default(),
         control_plane: Default::default(),
