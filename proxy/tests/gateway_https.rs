@@ -1,12 +1,16 @@
 //! `serin gateway` terminating TLS, tested with curl and rustls on loopback:
 //! SIMPLE with two hosts on one port (each gets its own certificate), HTTP/2 by
 //! ALPN, MUTUAL (client certificate required and checked), `httpsRedirect`, a
-//! plain HTTP server, metrics reported as `source`, and `/config_dump`.
+//! plain HTTP server, metrics reported as `source`, `/config_dump`, and the idle
+//! timeout on TLS connections.
 
 mod gateway_support;
 
+use std::time::Duration;
+
 use gateway_support::{Pki, TempDir, admin_get, curl, presented_cert, resolve, service_entry, stdout};
 use serin::demo_app::{AppConfig, DemoApp};
+use serin::gateway::GatewayArgs;
 
 struct Setup {
     _dir: TempDir,
@@ -22,6 +26,11 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
+    setup_with(|_| {}).await
+}
+
+/// Like [`setup`], with any gateway option changed by `edit`.
+async fn setup_with(edit: impl FnOnce(&mut GatewayArgs)) -> Setup {
     let dir = TempDir::new("https");
     let pki = Pki::new("serin test CA");
     let clients = Pki::new("serin test client CA");
@@ -83,7 +92,9 @@ spec:
   - route: [{destination: {host: shop.prod.svc.cluster.local}}]
 ";
     let path = dir.write("gateway.yaml", &config);
-    let started = gateway_support::start(&path, &[80, 443, 8443]).await;
+    let mut args = GatewayArgs::local(path, &[80, 443, 8443]);
+    edit(&mut args);
+    let started = gateway_support::start_with(args).await;
     Setup {
         pay_der: pay.der.to_vec(),
         other_der: other.der.to_vec(),
@@ -254,5 +265,28 @@ async fn https_redirect_and_plain_http_servers_share_a_port() {
     ])
     .await;
     assert_eq!(stdout(&out), "404");
+    t.started.shared.drain.trigger();
+}
+
+/// A kept-alive HTTPS connection used every 300 ms outlives the gateway's 2 s
+/// `--idle-timeout`; once left alone, the gateway closes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_https_connections_are_closed() {
+    use tokio::io::AsyncReadExt as _;
+    let t = setup_with(|args| args.idle_timeout = Duration::from_secs(2)).await;
+    let https = t.started.bound.ports[&443];
+    let config = gateway_support::client_config(&t.pki.ca_der, None);
+    let mut tls = gateway_support::connect_tls(https, "pay.example.com", config).await.expect("handshake");
+    for _ in 0..12 {
+        let (status, body) = gateway_support::get_keep_alive(&mut tls, "pay.example.com", "/").await;
+        assert_eq!(status, 200);
+        assert!(body.contains("\"service\":\"payment\""), "{body}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(30), tls.read(&mut buf)).await;
+    let read = read.expect("the gateway did not close the idle connection");
+    // A clean close (close_notify, then EOF) or the socket's end.
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
     t.started.shared.drain.trigger();
 }
