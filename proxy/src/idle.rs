@@ -1,6 +1,8 @@
 //! Idle client connections: one on which nothing has been read or written for the
 //! idle timeout is closed, gracefully (Envoy's HTTP connection manager
-//! `idle_timeout`, 1 h unless set, which Istio leaves as it is).
+//! `idle_timeout`, 1 h unless set, which Istio leaves as it is). Opaque TCP
+//! connections use the same parts with DestinationRule's `tcp.idleTimeout`
+//! (`tcp_proxy`).
 //!
 //! The connection's reads and writes set an [`Activity`] flag through [`ActiveIo`]
 //! (one store per system call); an [`IdleTimer`] per connection looks at the flag
@@ -136,6 +138,16 @@ impl IdleTimer {
         (timer, activity)
     }
 
+    /// [`IdleTimer::new`] unless `timeout` is zero (never idle), and the flag
+    /// for the connection's [`ActiveIo`] either way.
+    pub fn unless_zero(timeout: Duration) -> (Option<IdleTimer>, Arc<Activity>) {
+        if timeout.is_zero() {
+            return (None, Arc::default());
+        }
+        let (timer, activity) = IdleTimer::new(timeout);
+        (Some(timer), activity)
+    }
+
     /// True once nothing was read or written for the timeout. Looks at the timer
     /// only when it has fired or when `register` (the first poll, or the task's
     /// waker changed, so the timer must wake the new one): a poll of a busy
@@ -159,6 +171,12 @@ impl IdleTimer {
             self.tick.as_mut().reset(next);
         }
         false
+    }
+
+    /// Resolves once the connection has been idle for the timeout: for a task
+    /// that polls its connection with `select!` (the opaque TCP proxy).
+    pub async fn expired(mut self) {
+        std::future::poll_fn(|cx| if self.poll_idle(cx, true) { Poll::Ready(()) } else { Poll::Pending }).await
     }
 }
 

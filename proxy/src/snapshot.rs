@@ -428,6 +428,9 @@ pub struct ConnectionPool {
     pub max_requests_per_connection: u32,
     /// `http.idleTimeout` (1 h).
     pub idle_timeout: Duration,
+    /// `tcp.idleTimeout` (1 h; zero: never): an opaque TCP connection with no
+    /// bytes either way for this long is closed.
+    pub tcp_idle_timeout: Duration,
     /// `http.h2UpgradePolicy`: `Some(true)` for `UPGRADE` (HTTP/1.1 requests go
     /// upstream as HTTP/2), `Some(false)` for `DO_NOT_UPGRADE`, `None` for `DEFAULT`
     /// or unset: the adaptive hop between sidecars (`mesh_tls::mesh_protocol`), the
@@ -446,6 +449,7 @@ impl Default for ConnectionPool {
             max_pending_requests: u32::MAX,
             max_requests_per_connection: 0,
             idle_timeout: Duration::from_secs(3600),
+            tcp_idle_timeout: crate::idle::DEFAULT_IDLE_TIMEOUT,
             h2_upgrade: None,
             use_client_protocol: false,
         }

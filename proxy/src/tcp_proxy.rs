@@ -1,6 +1,7 @@
 //! Opaque TCP proxying: connect to a picked endpoint, replay the bytes already
-//! read from the client, then copy both ways until either side closes. Recorded
-//! in the `istio_tcp_*` metrics. Serves the gateway's TLS passthrough and the
+//! read from the client, then copy both ways until either side closes or no byte
+//! has passed either way for the cluster's `tcp.idleTimeout` (1 h; Envoy's
+//! `tcp_proxy` `idle_timeout`). Recorded in the `istio_tcp_*` metrics. Serves the gateway's TLS passthrough and the
 //! sidecar's captured non-HTTP traffic.
 
 use std::io;
@@ -13,6 +14,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::flags::ResponseFlags;
+use crate::idle::{ActiveIo, IdleTimer};
 use crate::metrics::{TcpConnectionMetrics, TcpInfo};
 use crate::snapshot::{Cluster, Endpoint};
 use crate::state::Shared;
@@ -44,13 +46,23 @@ pub async fn proxy(
     endpoint.state.active.fetch_add(1, Ordering::Relaxed);
     let metrics = shared.metrics.tcp_connection(&shared.local, &info);
     metrics.add_received(prefix.len() as u64);
-    let mut downstream = Metered { inner: downstream, metrics: &metrics };
+    // Every byte passes the downstream side one way or the other: its reads and
+    // writes tell the idle timer.
+    let idle_timeout = cluster.policy.pool.tcp_idle_timeout;
+    let (idle, activity) = IdleTimer::unless_zero(idle_timeout);
+    let mut downstream = ActiveIo::new(Metered { inner: downstream, metrics: &metrics }, activity);
     let mut upstream = upstream;
-    let result = async {
+    let copy = async {
         upstream.write_all(prefix).await?;
         tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await
-    }
-    .await;
+    };
+    let result = match idle {
+        Some(timer) => tokio::select! {
+            copied = copy => copied,
+            () = timer.expired() => Err(io::Error::new(io::ErrorKind::TimedOut, format!("idle for {idle_timeout:?}"))),
+        },
+        None => copy.await,
+    };
     endpoint.state.active.fetch_sub(1, Ordering::Relaxed);
     match result {
         Ok((up, down)) => {

@@ -177,6 +177,26 @@ fn h2_upgrade_policy_and_client_protocol() {
     assert!(e.contains("spec.trafficPolicy.connectionPool.http.useClientProtocol"), "{e}");
 }
 
+/// `connectionPool.tcp.idleTimeout`: 1 h unless set, `0s` turns it off, a bad
+/// value names the field.
+#[test]
+fn tcp_idle_timeout() {
+    let dr = |tcp: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: d, namespace: prod}}\nspec:\n  host: multi\n  trafficPolicy: {{connectionPool: {{tcp: {{{tcp}}}}}}}\n"
+        )
+    };
+    let idle = |tcp: &str| {
+        let s = compile(&dr(tcp)).expect("compiles");
+        s.clusters.get("outbound|80||multi.prod.svc.cluster.local").expect("cluster").policy.pool.tcp_idle_timeout
+    };
+    assert_eq!(idle("maxConnections: 10"), Duration::from_secs(3600));
+    assert_eq!(idle("idleTimeout: 30s"), Duration::from_secs(30));
+    assert_eq!(idle("idleTimeout: 0s"), Duration::ZERO);
+    let e = errors_of(load(&dr("idleTimeout: soon")));
+    assert!(e.contains("spec.trafficPolicy.connectionPool.tcp.idleTimeout") && e.contains("soon"), "{e}");
+}
+
 #[test]
 fn kinds() {
     let e = errors_of(load("apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec: {}\n"));

@@ -14,8 +14,20 @@ use serin_certs::rustls::pki_types::PrivateKeyDer;
 use serin_certs::rustls::pki_types::pem::PemObject as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// A TLS server answering every request with `passthrough ok` (then closing).
-async fn tls_upstream(cert: &gateway_support::Issued) -> SocketAddr {
+/// The passthrough route: SNI `secure.example.com` to the `secure` service.
+const SECURE_ROUTE: &str = "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: secure, namespace: prod}
+spec:
+  hosts: [secure.example.com]
+  gateways: [edge]
+  tls:
+  - match: [{sniHosts: [secure.example.com]}]
+    route: [{destination: {host: secure}}]
+";
+
+/// A TLS acceptor presenting `cert`.
+fn acceptor_for(cert: &gateway_support::Issued) -> tokio_rustls::TlsAcceptor {
     let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).expect("key");
     let config = rustls::ServerConfig::builder_with_provider(serin_certs::crypto_provider())
         .with_safe_default_protocol_versions()
@@ -23,31 +35,61 @@ async fn tls_upstream(cert: &gateway_support::Issued) -> SocketAddr {
         .with_no_client_auth()
         .with_single_cert(vec![cert.der.clone()], key)
         .expect("server config");
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+/// A TLS server presenting `cert` that runs `serve` on each connection.
+async fn tls_server<F, Fut>(cert: &gateway_support::Issued, serve: F) -> SocketAddr
+where
+    F: Fn(tokio_rustls::server::TlsStream<tokio::net::TcpStream>) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let acceptor = acceptor_for(cert);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
+            let (acceptor, serve) = (acceptor.clone(), serve.clone());
             tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(tcp).await else { return };
-                let mut buf = vec![0u8; 4096];
-                let mut head = Vec::new();
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match tls.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
+                if let Ok(tls) = acceptor.accept(tcp).await {
+                    serve(tls).await;
                 }
-                let body = "passthrough ok";
-                let resp =
-                    format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
-                let _ = tls.write_all(resp.as_bytes()).await;
-                let _ = tls.shutdown().await;
             });
         }
     });
     addr
+}
+
+/// A TLS server answering every request with `passthrough ok` (then closing).
+async fn tls_upstream(cert: &gateway_support::Issued) -> SocketAddr {
+    tls_server(cert, |mut tls| async move {
+        let mut buf = vec![0u8; 4096];
+        let mut head = Vec::new();
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        let body = "passthrough ok";
+        let resp = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+        let _ = tls.write_all(resp.as_bytes()).await;
+        let _ = tls.shutdown().await;
+    })
+    .await
+}
+
+/// A TLS server echoing whatever it reads until the client goes.
+async fn tls_echo_upstream(cert: &gateway_support::Issued) -> SocketAddr {
+    tls_server(cert, |mut tls| async move {
+        let mut buf = vec![0u8; 4096];
+        while let Ok(n) = tls.read(&mut buf).await {
+            if n == 0 || tls.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -78,16 +120,9 @@ spec:
     hosts: [pay.example.com]
     tls: {mode: SIMPLE, serverCertificate: certs/pay.crt, privateKey: certs/pay.key}
 ---
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: secure, namespace: prod}
-spec:
-  hosts: [secure.example.com]
-  gateways: [edge]
-  tls:
-  - match: [{sniHosts: [secure.example.com]}]
-    route: [{destination: {host: secure}}]
----
+";
+    config += SECURE_ROUTE;
+    config += "---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {name: pay, namespace: prod}
@@ -146,5 +181,49 @@ spec:
             && !l.ends_with(" 0")),
         "{metrics}"
     );
+    started.shared.drain.trigger();
+}
+
+/// DestinationRule `connectionPool.tcp.idleTimeout` on a passthrough route: a
+/// connection with bytes every 300 ms outlives its 2 s; left alone, it is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passthrough_connections_close_after_the_tcp_idle_timeout() {
+    let dir = TempDir::new("passthrough-idle");
+    let upstream_pki = Pki::new("upstream CA");
+    let upstream = tls_echo_upstream(&upstream_pki.server(&["secure.example.com"], 41)).await;
+    let mut config = service_entry("secure", "prod", "secure.prod.svc.cluster.local", upstream, "TLS");
+    config += "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: secure, namespace: prod}
+spec:
+  host: secure.prod.svc.cluster.local
+  trafficPolicy: {connectionPool: {tcp: {idleTimeout: 2s}}}
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: edge, namespace: prod}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 443, name: tls, protocol: TLS}
+    hosts: [secure.example.com]
+    tls: {mode: PASSTHROUGH}
+---
+";
+    config += SECURE_ROUTE;
+    let started = gateway_support::start(&dir.write("gateway.yaml", &config), &[443]).await;
+    let port = started.bound.ports[&443];
+    let client = gateway_support::client_config(&upstream_pki.ca_der, None);
+    let mut tls = gateway_support::connect_tls(port, "secure.example.com", client).await.expect("handshake");
+    let mut buf = [0u8; 64];
+    for i in 0..12u8 {
+        tls.write_all(&[b'a' + i]).await.expect("write");
+        let n = tls.read(&mut buf).await.expect("read");
+        assert_eq!(&buf[..n], &[b'a' + i], "echo {i}: the connection closed while in use");
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    let read = tokio::time::timeout(std::time::Duration::from_secs(30), tls.read(&mut buf)).await;
+    let read = read.expect("the gateway did not close the idle connection");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
     started.shared.drain.trigger();
 }

@@ -243,6 +243,7 @@ fn policy(policy: &TrafficPolicy) -> Value {
             "http1_max_pending_requests": pool.max_pending_requests,
             "max_requests_per_connection": pool.max_requests_per_connection,
             "idle_timeout": duration(pool.idle_timeout),
+            "tcp_idle_timeout": duration(pool.tcp_idle_timeout),
         },
     })
 }

@@ -37,8 +37,8 @@ pub struct Timeouts {
 #[derive(Debug)]
 pub struct HttpServer {
     builder: auto::Builder<TokioExecutor>,
-    /// `None`: connections stay open however long they are idle.
-    idle_timeout: Option<Duration>,
+    /// Zero: connections stay open however long they are idle.
+    idle_timeout: Duration,
 }
 
 impl HttpServer {
@@ -51,7 +51,6 @@ impl HttpServer {
         // timeout covers both, per connection.
         builder.http1().max_buf_size(MAX_REQUEST_HEADERS).timer(TokioTimer::new()).header_read_timeout(None);
         builder.http2().timer(TokioTimer::new()).max_header_list_size(MAX_REQUEST_HEADERS as u32);
-        let idle_timeout = (!idle_timeout.is_zero()).then_some(idle_timeout);
         Arc::new(HttpServer { builder, idle_timeout })
     }
 }
@@ -104,13 +103,7 @@ fn serve_connection<IO>(
     let svc_shared = shared.clone();
     let svc_info = info.clone();
     let svc = service_fn(move |req| super::handle(svc_shared.clone(), svc_info.clone(), req));
-    let (idle, activity) = match server.idle_timeout {
-        Some(timeout) => {
-            let (timer, activity) = IdleTimer::new(timeout);
-            (Some(timer), activity)
-        }
-        None => (None, Default::default()),
-    };
+    let (idle, activity) = IdleTimer::unless_zero(server.idle_timeout);
     let io = TokioIo::new(ActiveIo::new(io, activity));
     let conn = server.builder.serve_connection_with_upgrades(io, svc).into_owned();
     let conn = watcher.watch(conn);

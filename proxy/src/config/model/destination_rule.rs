@@ -138,7 +138,7 @@ pub struct TcpSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_connection_duration: Unsupported,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub idle_timeout: Unsupported,
+    pub idle_timeout: Option<String>,
 }
 
 /// `ConnectionPoolSettings.HTTPSettings`.

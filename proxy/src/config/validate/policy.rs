@@ -219,7 +219,6 @@ fn pool(c: &model::ConnectionPoolSettings, path: &str, sink: &mut Sink<'_>) -> C
         let tpath = format!("{path}.tcp");
         sink.unsupported(tcp.tcp_keepalive.is_some(), &format!("{tpath}.tcpKeepalive"), "");
         sink.unsupported(tcp.max_connection_duration.is_some(), &format!("{tpath}.maxConnectionDuration"), "");
-        sink.unsupported(tcp.idle_timeout.is_some(), &format!("{tpath}.idleTimeout"), "use http.idleTimeout");
         if let Some(n) = tcp.max_connections.and_then(|v| limit(v, &format!("{tpath}.maxConnections"), sink)) {
             out.max_connections = n;
         }
@@ -227,6 +226,13 @@ fn pool(c: &model::ConnectionPoolSettings, path: &str, sink: &mut Sink<'_>) -> C
             let field = format!("{tpath}.connectTimeout");
             if let Some(d) = sink.check(&field, fields::duration_at_least(t, Duration::from_millis(1))) {
                 out.connect_timeout = d;
+            }
+        }
+        // Istio: 0s turns the timeout off.
+        if let Some(t) = &tcp.idle_timeout {
+            let field = format!("{tpath}.idleTimeout");
+            if let Some(d) = sink.check(&field, fields::duration_at_least(t, Duration::ZERO)) {
+                out.tcp_idle_timeout = d;
             }
         }
     }
