@@ -1,8 +1,8 @@
 //! Opaque TCP proxying: connect to a picked endpoint, replay the bytes already
 //! read from the client, then copy both ways until either side closes or no byte
 //! has passed either way for the cluster's `tcp.idleTimeout` (1 h; Envoy's
-//! `tcp_proxy` `idle_timeout`). Recorded in the `istio_tcp_*` metrics. Serves the gateway's TLS passthrough and the
-//! sidecar's captured non-HTTP traffic.
+//! `tcp_proxy` `idle_timeout`). Recorded in the `istio_tcp_*` metrics. Serves the
+//! gateway's TLS passthrough and the sidecar's captured non-HTTP traffic.
 
 use std::io;
 use std::pin::Pin;
