@@ -68,7 +68,7 @@ fn route_and_pick(c: &mut Criterion) {
             let mut h = headers.clone();
             h.insert("connection", HeaderValue::from_static("keep-alive"));
             headers::strip_hop_by_hop(&mut h, false);
-            headers::append_forwarded_for(&mut h, client.ip());
+            headers::set_forwarded(&mut h, Some(client.ip()), false);
             black_box(headers::ensure_request_id(&mut h))
         })
     });

@@ -153,17 +153,24 @@ fn invalid_values_are_named() {
     assert!(e.contains("spec.http[0].route[0].weight") && e.contains("lots"), "{e}");
 }
 
+/// A DestinationRule for `multi` whose `connectionPool` holds `section` (`http`
+/// or `tcp`) with the fields `fields`.
+fn pool_rule(section: &str, fields: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: d, namespace: prod}}\nspec:\n  host: multi\n  trafficPolicy: {{connectionPool: {{{section}: {{{fields}}}}}}}\n"
+    )
+}
+
+/// The connection pool `multi` gets from [`pool_rule`]`(section, fields)`.
+fn compiled_pool(section: &str, fields: &str) -> serin::snapshot::ConnectionPool {
+    let s = compile(&pool_rule(section, fields)).expect("compiles");
+    s.clusters.get("outbound|80||multi.prod.svc.cluster.local").expect("cluster").policy.pool.clone()
+}
+
 #[test]
 fn h2_upgrade_policy_and_client_protocol() {
-    let dr = |http: &str| {
-        format!(
-            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: d, namespace: prod}}\nspec:\n  host: multi\n  trafficPolicy: {{connectionPool: {{http: {{{http}}}}}}}\n"
-        )
-    };
-    let pool = |http: &str| {
-        let s = compile(&dr(http)).expect("compiles");
-        s.clusters.get("outbound|80||multi.prod.svc.cluster.local").expect("cluster").policy.pool.clone()
-    };
+    let dr = |http: &str| pool_rule("http", http);
+    let pool = |http: &str| compiled_pool("http", http);
     let p = pool("h2UpgradePolicy: UPGRADE");
     assert!(p.h2_upgrade == Some(true) && !p.use_client_protocol);
     assert_eq!(pool("h2UpgradePolicy: DO_NOT_UPGRADE").h2_upgrade, Some(false));
@@ -181,19 +188,11 @@ fn h2_upgrade_policy_and_client_protocol() {
 /// value names the field.
 #[test]
 fn tcp_idle_timeout() {
-    let dr = |tcp: &str| {
-        format!(
-            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: d, namespace: prod}}\nspec:\n  host: multi\n  trafficPolicy: {{connectionPool: {{tcp: {{{tcp}}}}}}}\n"
-        )
-    };
-    let idle = |tcp: &str| {
-        let s = compile(&dr(tcp)).expect("compiles");
-        s.clusters.get("outbound|80||multi.prod.svc.cluster.local").expect("cluster").policy.pool.tcp_idle_timeout
-    };
+    let idle = |tcp: &str| compiled_pool("tcp", tcp).tcp_idle_timeout;
     assert_eq!(idle("maxConnections: 10"), Duration::from_secs(3600));
     assert_eq!(idle("idleTimeout: 30s"), Duration::from_secs(30));
     assert_eq!(idle("idleTimeout: 0s"), Duration::ZERO);
-    let e = errors_of(load(&dr("idleTimeout: soon")));
+    let e = errors_of(load(&pool_rule("tcp", "idleTimeout: soon")));
     assert!(e.contains("spec.trafficPolicy.connectionPool.tcp.idleTimeout") && e.contains("soon"), "{e}");
 }
 

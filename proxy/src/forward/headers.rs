@@ -81,7 +81,7 @@ pub fn set_forwarded(headers: &mut HeaderMap, edge_client: Option<IpAddr>, tls: 
 }
 
 /// Appends the client's address to `x-forwarded-for`.
-pub fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
+fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
     let mut ip = [0u8; 64];
     let ip = format_ip(client, &mut ip);
     let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
